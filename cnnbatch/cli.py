@@ -1,0 +1,121 @@
+"""``cnnbatch <job> ...`` and ``python -m jobs.<job> ...``: one parser per job, built from its config dataclass.
+
+Exit status: 0 when every shard is done; 1 when the job ran but something failed (shards, storage, weights);
+2 for bad arguments. Errors are one line on stderr, naming what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .config import add_arguments, from_namespace
+
+log = logging.getLogger("cnnbatch")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A subcommand: its config class and runner live in ``module`` (imported only when the job runs)."""
+
+    name: str
+    module: str
+    config: str
+    runner: str
+    help: str
+
+
+JOBS: dict[str, Job] = {
+    job.name: job
+    for job in (
+        Job("extract", "cnnbatch.extract", "ExtractConfig", "run_extract",
+            "extract CNN feature vectors from images into Parquet"),
+    )
+}
+
+
+def setup_logging(level: str | None = None) -> None:
+    level = (level or os.environ.get("CNNBATCH_LOG_LEVEL") or "INFO").upper()
+    root = logging.getLogger()
+    if not any(getattr(h, "_cnnbatch", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._cnnbatch = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    logging.getLogger("cnnbatch").setLevel(level)
+    root.setLevel(logging.WARNING)
+    # TensorFlow's C++ start-up chatter says nothing a user can act on.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnbatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    for job in JOBS.values():
+        module = importlib.import_module(job.module)
+        job_parser = sub.add_parser(job.name, help=job.help, description=job.help)
+        add_arguments(job_parser, getattr(module, job.config))
+        job_parser.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .output import OutputError
+    from .shards import InputError
+    from .storage import StorageError
+    from .weights import WeightsError
+
+    return (StorageError, OutputError, InputError, WeightsError)
+
+
+def run_job(job: Job, namespace: argparse.Namespace) -> Any:
+    module = importlib.import_module(job.module)
+    config = from_namespace(getattr(module, job.config), namespace)
+    runner: Callable[[Any], Any] = getattr(module, job.runner)
+    return runner(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    setup_logging(namespace.log_level)
+    job = JOBS[namespace.job]
+    prefix = f"cnnbatch {job.name}: error:"
+    from .storage import redact
+
+    try:
+        result = run_job(job, namespace)
+    except _known_errors() as exc:  # the job could not run: storage, weights, input or output state
+        print(f"{prefix} {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a config that fails validation: bad arguments
+        print(f"{prefix} {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return report(job, result)
+
+
+def report(job: Job, result: Any) -> int:
+    """Print the job's summary line to stdout; non-zero when anything failed."""
+    line = result.line() if hasattr(result, "line") else str(result)
+    print(f"cnnbatch {job.name}: {line}")
+    failed = getattr(result, "failed", None)
+    if failed:
+        for shard_id, reason in sorted(failed.items()):
+            print(f"cnnbatch {job.name}: shard {shard_id} failed: {reason}", file=sys.stderr)
+        print(f"cnnbatch {job.name}: error: {len(failed)} shards failed; rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

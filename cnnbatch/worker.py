@@ -1,0 +1,132 @@
+"""One shard, start to end, inside one process: read -> decode (threads) -> model (batches) -> write.
+
+Shared by extraction and prediction: a :class:`ShardTask` says how to build the model (once per actor) and how
+to turn its outputs into the shard's table. Decoding runs in a thread pool ahead of the model, with a bounded
+number of images in flight, so the model does not wait on JPEG decoding and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .decode import DecodeError, decode_image
+from .output import OutputDataset, ShardStats
+from .shards import Record, Shard, iter_records
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ShardTask(Protocol):
+    """What a job does with decoded images. Must be picklable: it travels to every actor."""
+
+    image_size: int
+    batch_size: int
+
+    def make_model(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """Build the model (called once per actor)."""
+
+    def make_table(self, model: Any, keys: list[str], labels: list[str | None],
+                   outputs: dict[str, np.ndarray]) -> pa.Table:
+        """The shard's Parquet table from its keys, labels and concatenated model outputs."""
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], in_flight: int) -> Iterator[R]:
+    """``pool.map`` that keeps at most ``in_flight`` items submitted (``Executor.map`` submits everything)."""
+    pending: collections.deque[Future[R]] = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def decode_threads_for(cpus: float | None) -> int:
+    """Decode threads sized to the CPUs this actor holds (at least 2, so reads overlap decoding)."""
+    available = os.cpu_count() or 2
+    return max(2, min(available, int(cpus) if cpus else available))
+
+
+class _Loaded:
+    __slots__ = ("key", "label", "pixels", "error", "read_s", "decode_s")
+
+    def __init__(self, key: str, label: str | None, pixels: np.ndarray | None, error: str | None,
+                 read_s: float = 0.0, decode_s: float = 0.0):
+        self.key, self.label, self.pixels, self.error = key, label, pixels, error
+        self.read_s, self.decode_s = read_s, decode_s
+
+
+def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDataset, fingerprint: str,
+                  decode_threads: int = 2) -> ShardStats:
+    """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
+    started = time.perf_counter()
+    size = task.image_size
+
+    def load(record: Record) -> _Loaded:
+        if record.error:
+            return _Loaded(record.key, record.label, None, record.error)
+        t0 = time.perf_counter()
+        try:
+            data = record.load()
+        except Exception as exc:  # noqa: BLE001 - an unreadable object is that image's error, not the shard's
+            return _Loaded(record.key, record.label, None, f"cannot read: {storage.describe_error(exc)}",
+                           time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        try:
+            pixels = decode_image(data, size)
+        except DecodeError as exc:
+            return _Loaded(record.key, record.label, None, str(exc), t1 - t0, time.perf_counter() - t1)
+        return _Loaded(record.key, record.label, pixels, None, t1 - t0, time.perf_counter() - t1)
+
+    keys: list[str] = []
+    labels: list[str | None] = []
+    chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    errors: list[tuple[str, str]] = []
+    timing = collections.Counter()
+    batch: list[_Loaded] = []
+
+    def run_batch() -> None:
+        t0 = time.perf_counter()
+        result = model({"image": np.stack([item.pixels for item in batch])})
+        timing["infer"] += time.perf_counter() - t0
+        for name, value in result.items():
+            chunks[name].append(np.asarray(value))
+        keys.extend(item.key for item in batch)
+        labels.extend(item.label for item in batch)
+        batch.clear()
+
+    read_start = time.perf_counter()
+    with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") as pool:
+        for item in bounded_map(pool, load, iter_records(shard), in_flight=2 * task.batch_size + decode_threads):
+            timing["read"] += item.read_s
+            timing["decode"] += item.decode_s
+            if item.error is not None:
+                errors.append((item.key, item.error))
+                continue
+            batch.append(item)
+            if len(batch) == task.batch_size:
+                run_batch()
+        if batch:
+            run_batch()
+    # Wall time the model waited on input: everything in the loop that was not inference.
+    timing["wait_input"] = max(0.0, time.perf_counter() - read_start - timing["infer"])
+
+    outputs = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    table = task.make_table(model, keys, labels, outputs)
+    stats = ShardStats(shard_id=shard.shard_id, signature=shard.signature, fingerprint=fingerprint,
+                       worker=f"{socket.gethostname()}:{os.getpid()}")
+    stats.seconds = {k: round(v, 4) for k, v in timing.items()}
+    stats.seconds["total"] = round(time.perf_counter() - started, 4)  # write_shard adds its own time
+    return output.write_shard(stats, table, errors)

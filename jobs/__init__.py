@@ -1,0 +1,1 @@
+"""Thin entrypoints for ``ray job submit -- python -m jobs.<job> ...``; each takes the CLI's flags."""
