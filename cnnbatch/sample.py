@@ -43,7 +43,7 @@ def write_sample(root: str | Path, per_class: int = 20, size: int = 96, seed: in
                  holdout_per_class: int = 0) -> Path:
     """Write ``root/train/<class>/*.jpg`` (and ``root/holdout/<class>/*`` if asked); return ``root``.
 
-    Every tenth image is a PNG so that both decoders run. Existing files are kept (the set is deterministic).
+    Every fifth image is a PNG so that both decoders run. Existing files are kept (the set is deterministic).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -54,7 +54,7 @@ def write_sample(root: str | Path, per_class: int = 20, size: int = 96, seed: in
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
                 pixels = texture(label, size, rng)
-                ext = "png" if index % 10 == 9 else "jpg"
+                ext = "png" if index % 5 == 4 else "jpg"
                 path = folder / f"{label}-{index:04d}.{ext}"
                 if not path.exists():
                     Image.fromarray(pixels).save(path, **({"quality": 90} if ext == "jpg" else {}))
