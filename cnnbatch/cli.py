@@ -106,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(job: Job, result: Any) -> int:
     """Print the job's summary line to stdout; non-zero when anything failed."""
     line = result.line() if hasattr(result, "line") else str(result)
-    print(f"cnnbatch {job.name}: {line}")
+    # A "bare" result is the answer itself (e.g. predict --image --json): printed without the prefix.
+    print(line if getattr(result, "bare", False) else f"cnnbatch {job.name}: {line}")
     failed = getattr(result, "failed", None)
     if failed:
         for shard_id, reason in sorted(failed.items()):
