@@ -6,8 +6,9 @@ Layout of an output (features or predictions)::
     _errors/part-<shard>.parquet key + error for every input that could not be processed (possibly zero rows)
     _stats/<shard>.json          written last for a shard: its "done" marker (fingerprint, counts, timings)
     _cnnbatch.json               the configuration fingerprint the dataset was started with
-    _LOCK                        held by the run writing to the output
+    _LOCK                        held by the run writing to the output (owner, heartbeat)
     _SUCCESS                     manifest written when every shard is done
+    _FAILED                      written instead when shards failed (shard -> reason); removed by a full success
 
 A shard is done exactly when its stats record exists, names the current fingerprint and input signature, and
 its part file has the recorded size: a crash between the part and its stats leaves the shard to be redone.
@@ -19,8 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -35,13 +39,18 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "_cnnbatch.json"
 SUCCESS_FILE = "_SUCCESS"
+FAILED_FILE = "_FAILED"
 LOCK_FILE = "_LOCK"
 ERRORS_DIR = "_errors"
 STATS_DIR = "_stats"
 METADATA_KEY = b"cnnbatch"
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("error", pa.string())])
-# A lock not refreshed for this long belongs to a dead run and may be taken over.
-LOCK_STALE_SECONDS = 600
+# A lock not refreshed for this long belongs to a dead run and may be taken over; the holder refreshes it from a
+# background thread every LOCK_HEARTBEAT_SECONDS, so only a dead (or frozen) driver lets it go stale.
+LOCK_STALE_SECONDS = 300
+LOCK_HEARTBEAT_SECONDS = 30
+# What write_bytes_atomic leaves behind when killed between writing and renaming (rename filesystems only).
+TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
 
 class OutputError(RuntimeError):
@@ -109,6 +118,8 @@ class ShardStats:
     part_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # per stage: read, decode, infer, write, total
     worker: str = ""
+    node: str = ""  # the Ray node id of the actor that wrote the shard
+    cuda_visible_devices: str | None = None  # as that actor saw it ("" for CPU-only actors)
     failed: str | None = None  # set when the whole shard failed (not written as done)
 
     @property
@@ -122,10 +133,11 @@ class ShardStats:
 class OutputDataset:
     """The output folder of one job, on any fsspec filesystem."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, node: str = ""):
         self.uri = uri.rstrip("/")
         self.fs, self.path = storage.filesystem(self.uri)
         self.path = self.path.rstrip("/")
+        self.node = node  # stamped into the stats of shards written through this object (an actor's node)
 
     def _p(self, *parts: str) -> str:
         return storage.join(self.path, *parts)
@@ -164,8 +176,32 @@ class OutputDataset:
                     f"output {storage.redact(self.uri)} already holds {len(foreign)} part files not written by "
                     f"cnnbatch (e.g. {foreign[0]}); use an empty folder or --overwrite"
                 )
-            body = json.dumps({"fingerprint": fingerprint, "config": config}, sort_keys=True, indent=1).encode()
+            body = json.dumps({"fingerprint": fingerprint, "config": redact_config(config)}, sort_keys=True,
+                              indent=1).encode()
             storage.write_bytes_atomic(self.fs, self._p(CONFIG_FILE), body)
+        removed = self.remove_temp_files()
+        if removed:
+            log.info("removed %d temporary files left by an interrupted run", removed)
+
+    def remove_temp_files(self) -> int:
+        """Delete ``.<name>.<hex>.tmp`` leftovers of a run killed mid-write (only rename filesystems make them;
+        readers never see them, this only reclaims space). Safe under the lock: no other run writes here."""
+        if not storage.has_rename(self.fs):
+            return 0
+        removed = 0
+        for folder in (self.path, self._p(ERRORS_DIR), self._p(STATS_DIR)):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if TEMP_NAME.match(name):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
 
     def clear(self) -> None:
         """Delete what cnnbatch wrote here (and nothing else)."""
@@ -174,7 +210,7 @@ class OutputDataset:
         for sub in (ERRORS_DIR, STATS_DIR):
             if self.fs.exists(self._p(sub)):
                 self.fs.rm(self._p(sub), recursive=True)
-        for name in (SUCCESS_FILE, CONFIG_FILE):
+        for name in (SUCCESS_FILE, FAILED_FILE, CONFIG_FILE):
             if self.fs.exists(self._p(name)):
                 self.fs.rm_file(self._p(name))
 
@@ -210,6 +246,8 @@ class OutputDataset:
     def write_shard(self, stats: ShardStats, table: pa.Table, errors: list[tuple[str, str]]) -> ShardStats:
         """Write part, errors, then stats (the done marker), each atomically."""
         started = time.perf_counter()
+        stats.node = stats.node or self.node
+        stats.cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
         data = table_to_parquet_bytes(table)
         storage.write_bytes_atomic(self.fs, self.part_path(stats.shard_id), data)
         storage.write_bytes_atomic(self.fs, self._p(ERRORS_DIR, part_name(stats.shard_id)),
@@ -234,11 +272,27 @@ class OutputDataset:
         if self.fs.exists(self._p(SUCCESS_FILE)):
             self.fs.rm_file(self._p(SUCCESS_FILE))
 
+    def read_failures(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_bytes(self.fs, self._p(FAILED_FILE)))
+        except FileNotFoundError:
+            return None
+
+    def write_failures(self, fingerprint: str, failed: dict[str, str]) -> None:
+        """Record the shards that kept failing and why (the next run retries them)."""
+        body = {"fingerprint": fingerprint, "failed": dict(sorted(failed.items())),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        storage.write_bytes_atomic(self.fs, self._p(FAILED_FILE), json.dumps(body, sort_keys=True, indent=1).encode())
+
+    def remove_failures(self) -> None:
+        if self.fs.exists(self._p(FAILED_FILE)):
+            self.fs.rm_file(self._p(FAILED_FILE))
+
     def write_success(self, fingerprint: str, config: dict[str, Any], shards: Iterable[ShardStats]) -> dict[str, Any]:
         shard_list = sorted(shards, key=lambda s: s.shard_id)
         manifest = {
             "fingerprint": fingerprint,
-            "config": config,
+            "config": redact_config(config),
             "shards": {s.shard_id: {"rows": s.rows, "errors": s.errors, "part_bytes": s.part_bytes}
                        for s in shard_list},
             "totals": {
@@ -271,47 +325,150 @@ class OutputDataset:
         return lock
 
 
-class OutputLock:
-    """One writer per output: an exclusively created ``_LOCK`` holding its owner and a heartbeat time."""
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+
+def _process_started(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, Linux), to tell a live owner from a reused pid; None if the
+    process does not exist, "" when it exists but this platform cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            # Field 22 is the start time; the command name (field 2) may hold spaces, so split after its ")".
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+class OutputLock:
+    """One writer per output: an exclusively created ``_LOCK`` with its owner and a heartbeat time.
+
+    The owner refreshes the heartbeat from a daemon thread. Another run takes the lock over when the heartbeat
+    is older than ``LOCK_STALE_SECONDS``, or at once when the owner ran on the same machine and its process is
+    gone (a driver killed with SIGKILL). Object stores cannot delete conditionally, so two runs taking over the
+    same stale lock at the same instant could both believe they hold it: each beat re-reads the lock, and a run
+    that finds another owner there sets :attr:`lost`, and the pipeline stops handing out shards.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, heartbeat_seconds: float = LOCK_HEARTBEAT_SECONDS):
         self.fs, self.path = fs, path
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        self.host = socket.gethostname()
+        self.machine = f"{self.host}/{_boot_id()}"
+        self.pid = os.getpid()
+        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:12]}"
+        self.heartbeat_seconds = heartbeat_seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "heartbeat": time.time()}).encode()
+        return json.dumps({"owner": self.owner, "machine": self.machine, "pid": self.pid,
+                           "pid_started": _process_started(self.pid), "heartbeat": time.time()}).encode()
 
     def acquire(self, uri: str, wait_seconds: float) -> None:
         deadline = time.monotonic() + wait_seconds
         while True:
             if storage.create_exclusive(self.fs, self.path, self._body()):
+                self._start_heartbeat()
                 return
             holder = self._read()
-            age = time.time() - float(holder.get("heartbeat", 0))
-            if age > LOCK_STALE_SECONDS:
-                log.warning("taking over a stale lock on %s (last heartbeat %.0fs ago)", storage.redact(uri), age)
-                self.fs.rm_file(self.path)
+            if holder is None:  # released between our attempt and this read: try again
+                continue
+            reason = self.stale_reason(holder)
+            if reason:
+                log.warning("taking over the lock on %s: %s", storage.redact(uri), reason)
+                self._remove_if_unchanged(holder)
                 continue
             if time.monotonic() >= deadline:
+                age = time.time() - float(holder.get("heartbeat", 0))
                 raise OutputError(
                     f"output {storage.redact(uri)} is being written by another run ({holder.get('owner', '?')}, "
-                    f"heartbeat {age:.0f}s ago); wait for it to finish or use another --output"
+                    f"heartbeat {age:.0f}s ago); wait for it to finish or use another --output (a lock whose run "
+                    f"died is taken over after {LOCK_STALE_SECONDS}s without heartbeat, at once on its own machine)"
                 )
             time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
-    def _read(self) -> dict[str, Any]:
+    def stale_reason(self, holder: dict[str, Any]) -> str | None:
+        """Why ``holder``'s lock may be taken over, or None while its run may be alive."""
+        age = time.time() - float(holder.get("heartbeat", 0) or 0)
+        if age > LOCK_STALE_SECONDS:
+            return f"last heartbeat {age:.0f}s ago"
+        pid = holder.get("pid")
+        if holder.get("machine") == self.machine and isinstance(pid, int):
+            started = _process_started(pid)
+            if started is None:
+                return f"its process {pid} on this machine is gone"
+            if started and holder.get("pid_started") and started != holder["pid_started"]:
+                return f"its process {pid} on this machine is gone (the pid now belongs to another process)"
+        return None
+
+    def _remove_if_unchanged(self, holder: dict[str, Any]) -> None:
+        current = self._read()
+        if current is not None and current.get("owner") == holder.get("owner") \
+                and current.get("heartbeat") == holder.get("heartbeat"):
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _read(self) -> dict[str, Any] | None:
+        """The lock's content; None when there is no lock; {} for an unreadable one (treated as stale)."""
         try:
-            return json.loads(storage.read_bytes(self.fs, self.path))
-        except (FileNotFoundError, ValueError):
+            data = json.loads(storage.read_bytes(self.fs, self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
             return {}
+        return data if isinstance(data, dict) else {}
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat_forever, name="cnnbatch-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            try:
+                self.heartbeat()
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
+                log.warning("could not refresh the output lock: %s", storage.describe_error(exc))
 
     def heartbeat(self) -> None:
-        if self._read().get("owner") == self.owner:
+        holder = self._read()
+        if holder is not None and holder.get("owner") == self.owner:
             storage.write_bytes_atomic(self.fs, self.path, self._body())
+        elif not self.lost:
+            self.lost = True
+            log.error("the lock on this output is now held by %s; this run stops handing out shards",
+                      (holder or {}).get("owner", "nobody"))
 
     def release(self) -> None:
-        if self._read().get("owner") == self.owner:
-            self.fs.rm_file(self.path)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        holder = self._read()
+        if holder is not None and holder.get("owner") == self.owner:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def redact_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with credentials in URLs and secret environment values removed, for files we write."""
+    return {k: storage.redact(v) if isinstance(v, str) else v for k, v in config.items()}
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> str:

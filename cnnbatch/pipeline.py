@@ -1,13 +1,16 @@
 """The driver: shards -> a pool of Ray actors -> the output dataset, exactly once per shard.
 
 Shared by every sharded job (extract, predict). The driver lists shards lazily, skips the ones already done for
-this configuration, and keeps a bounded window of shards submitted to a ``ray.util.ActorPool``. Actors are
-restartable and their calls retried by Ray itself, so a killed actor's shard is redone on its replacement; the
-deterministic, atomic per-shard writes make the redo harmless.
+this configuration, and keeps a bounded window of shards queued on its actors (two per actor, so an actor starts
+its next shard while the driver records the last). Ray restarts a crashed actor and retries its queued calls
+(``max_restarts``/``max_task_retries``); an actor that is gone for good is replaced by a fresh one and its shards
+handed out again. Whole-shard failures are retried, then recorded. The deterministic, atomic per-shard writes make
+every redo harmless: a shard's part file is replaced whole, never appended to.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from . import storage
-from .output import OutputDataset, OutputLock, ShardStats
+from .output import OutputDataset, OutputError, OutputLock, ShardStats
 from .progress import Progress
 from .shards import Shard, list_shards
 from .worker import ShardTask, decode_threads_for, process_shard
@@ -27,7 +30,8 @@ log = logging.getLogger(__name__)
 
 ACTOR_RESTARTS = 4  # a node or actor crash is redone by Ray this many times per actor
 SHARD_ATTEMPTS = 3  # whole-shard failures (not crashes) are retried this many times before being reported
-LOCK_HEARTBEAT_SECONDS = 60.0
+QUEUE_PER_ACTOR = 2  # shards queued on each actor: one running, one ready to start
+REST = "(rest)"  # the failure entry for shards never handed out because the run stopped early
 
 
 def fingerprint_of(parts: dict[str, Any]) -> str:
@@ -86,18 +90,32 @@ def init_ray() -> None:
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
 
 
+def decode_cpus(options: PoolOptions, node_cpus: float, node_gpus: float) -> float:
+    """CPUs an actor's decode threads may use. A GPU actor decodes for its GPU, and GPU nodes run nothing else:
+    it takes its GPU share of the node's CPUs (8 CPUs, 2 GPUs, 1 GPU per actor: 4). A CPU actor takes the CPUs
+    it reserved."""
+    if options.gpus_per_worker > 0 and node_gpus > 0:
+        return max(options.cpus_per_worker, node_cpus * options.gpus_per_worker / node_gpus)
+    return options.cpus_per_worker
+
+
 def _make_actor_class() -> Any:
     import ray
 
     class ShardWorker:
         """A Ray actor holding one model, processing whole shards."""
 
-        def __init__(self, task: ShardTask, output_uri: str, fingerprint: str, cpus: float):
+        def __init__(self, task: ShardTask, output_uri: str, fingerprint: str, options: PoolOptions,
+                     secrets: storage.SecretEnv):
             from .cli import setup_logging
 
+            secrets.apply()  # before any filesystem is built in this process
             setup_logging()
+            self.node = ray.get_runtime_context().get_node_id()
+            resources = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == self.node), {})
+            cpus = decode_cpus(options, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
             self.task = task
-            self.output = OutputDataset(output_uri)
+            self.output = OutputDataset(output_uri, node=self.node)
             self.fingerprint = fingerprint
             self.decode_threads = decode_threads_for(cpus)
             self.model = task.make_model()
@@ -109,7 +127,7 @@ def _make_actor_class() -> Any:
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries then records it
                 log.exception("shard %s failed", shard.shard_id)
                 return ShardStats(shard.shard_id, shard.signature, self.fingerprint,
-                                  failed=storage.describe_error(exc))
+                                  failed=storage.describe_error(exc), node=self.node)
 
         def pid(self) -> int:
             return os.getpid()
@@ -118,8 +136,9 @@ def _make_actor_class() -> Any:
 
 
 def actor_env(options: PoolOptions) -> dict[str, str]:
-    """Environment for actors: storage settings (so actors on every node reach the same buckets; never logged),
-    quiet TensorFlow start-up, and no GPU for actors that did not reserve one (TF would otherwise take them all).
+    """``runtime_env`` variables for actors: non-secret storage settings (endpoint, region: so actors on every
+    node reach the same buckets), quiet TensorFlow start-up, and no GPU for actors that did not reserve one (TF
+    would otherwise take them all). Secrets travel as a constructor argument: Ray logs runtime_envs verbatim.
     """
     env = storage.storage_env()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
@@ -128,21 +147,41 @@ def actor_env(options: PoolOptions) -> dict[str, str]:
     return env
 
 
-def start_pool(task: ShardTask, output_uri: str, fingerprint: str, options: PoolOptions) -> list[Any]:
-    import ray
+class _Pool:
+    """The job's actors, with a factory to replace one that is gone for good."""
 
-    worker_cls = _make_actor_class().options(
-        num_cpus=options.cpus_per_worker,
-        num_gpus=options.gpus_per_worker,
-        max_restarts=ACTOR_RESTARTS,
-        max_task_retries=ACTOR_RESTARTS,
-        runtime_env={"env_vars": actor_env(options)},
-    )
-    actors = [worker_cls.remote(task, output_uri, fingerprint, options.cpus_per_worker)
-              for _ in range(options.workers)]
-    # Surface model-build failures (bad weights, no memory) before any shard is handed out.
-    ray.get([actor.pid.remote() for actor in actors])
-    return actors
+    def __init__(self, task: ShardTask, output_uri: str, fingerprint: str, options: PoolOptions):
+        self._cls = _make_actor_class().options(
+            num_cpus=options.cpus_per_worker,
+            num_gpus=options.gpus_per_worker,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_RESTARTS,
+            runtime_env={"env_vars": actor_env(options)},
+        )
+        self._args = (task, output_uri, fingerprint, options, storage.SecretEnv.from_environ())
+        self.actors = [self.new_actor() for _ in range(options.workers)]
+
+    def new_actor(self) -> Any:
+        return self._cls.remote(*self._args)
+
+    def wait_ready(self) -> None:
+        """Surface model-build failures (bad weights, no memory) before any shard is handed out."""
+        import ray
+
+        ray.get([actor.pid.remote() for actor in self.actors])
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def start_pool(task: ShardTask, output_uri: str, fingerprint: str, options: PoolOptions) -> list[Any]:
+    """Start ``options.workers`` actors and wait until each has built its model."""
+    pool = _Pool(task, output_uri, fingerprint, options)
+    pool.wait_ready()
+    return pool.actors
 
 
 def pending_shards(shards: Iterable[Shard], output: OutputDataset, fingerprint: str, summary: JobSummary,
@@ -175,7 +214,11 @@ def run_sharded_job(*, input_uri: str, shard_size: int, output: OutputDataset, t
         if first is not None:
             output.remove_success()  # stale until this run finishes
             _run_pool(itertools.chain([first], todo), task, output, fingerprint, pool, summary, done, lock)
-        if "folder" in seen.values():
+        if lock.lost:
+            raise OutputError(f"output {storage.redact(output.uri)} was taken over by another run while this one "
+                              f"wrote it; {summary.shards_done} shards were done here. Let the other run finish, "
+                              "then rerun to check")
+        if "folder" in seen.values() and REST not in summary.failed:
             # Folder shards are chunks of the sorted listing: if the folder shrank, the last chunks are gone and
             # their old outputs would duplicate keys that moved into earlier shards.
             summary.stale_removed = output.remove_stale_parts(set(seen))
@@ -183,65 +226,109 @@ def run_sharded_job(*, input_uri: str, shard_size: int, output: OutputDataset, t
                 log.info("removed outputs of %d shards no longer in the input: %s",
                          len(summary.stale_removed), ", ".join(summary.stale_removed[:10]))
         summary.seconds = time.perf_counter() - started
-        if summary.ok:
-            previous = output.read_success()
-            unchanged = (not summary.shards_done and not summary.stale_removed and previous is not None
-                         and set(previous.get("shards", {})) == set(done))
-            if not unchanged:  # a no-op rerun rewrites nothing
-                output.write_success(fingerprint, config, done.values())
+        _finish(output, fingerprint, config, summary, done)
         return summary
     finally:
         lock.release()
 
 
+def _finish(output: OutputDataset, fingerprint: str, config: dict[str, Any], summary: JobSummary,
+            done: dict[str, ShardStats]) -> None:
+    """Write ``_SUCCESS`` last when every shard is done (not again on a run that changed nothing), else
+    ``_FAILED`` with the failed shards and their reasons."""
+    if not summary.ok:
+        output.write_failures(fingerprint, summary.failed)
+        return
+    previous = output.read_success()
+    unchanged = (not summary.shards_done and not summary.stale_removed and previous is not None
+                 and previous.get("fingerprint") == fingerprint and set(previous.get("shards", {})) == set(done))
+    if not unchanged:
+        output.write_success(fingerprint, config, done.values())
+    output.remove_failures()
+
+
 def _run_pool(shards: Iterator[Shard], task: ShardTask, output: OutputDataset, fingerprint: str,
-              pool: PoolOptions, summary: JobSummary, done: dict[str, ShardStats], lock: OutputLock) -> None:
+              options: PoolOptions, summary: JobSummary, done: dict[str, ShardStats], lock: OutputLock) -> None:
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError, RayError
 
     init_ray()
-    actors = start_pool(task, output.uri, fingerprint, pool)
-    actor_pool = ActorPool(actors)
-    attempts: dict[str, int] = {}
-    by_id: dict[str, Shard] = {}
-    window = 2 * len(actors)  # keeps every actor busy while the listing stays lazy
-    in_flight = 0
-    last_beat = time.monotonic()
+    pool = _Pool(task, output.uri, fingerprint, options)
     progress = Progress(what="images")
+    in_flight: dict[Any, tuple[Shard, int, Any]] = {}  # object ref -> (shard, actor slot, actor handle)
+    load = [0] * len(pool.actors)
+    attempts: collections.Counter[str] = collections.Counter()
+    retry: collections.deque[Shard] = collections.deque()
+    listing = iter(shards)
+    listing_done = False
+    deaths_in_a_row = 0  # actors lost for good since the last finished shard
+    max_deaths = 2 * len(pool.actors) + 2
+
+    def next_shard() -> Shard | None:
+        nonlocal listing_done
+        if retry:
+            return retry.popleft()
+        if not listing_done:
+            shard = next(listing, None)
+            listing_done = shard is None
+            return shard
+        return None
 
     def submit(shard: Shard) -> None:
-        nonlocal in_flight
-        by_id[shard.shard_id] = shard
-        attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
-        actor_pool.submit(lambda actor, s: actor.process.remote(s), shard)
-        in_flight += 1
+        slot = min(range(len(load)), key=load.__getitem__)
+        actor = pool.actors[slot]
+        in_flight[actor.process.remote(shard)] = (shard, slot, actor)
+        load[slot] += 1
+        attempts[shard.shard_id] += 1
 
-    def drain_one() -> None:
-        nonlocal in_flight, last_beat
-        in_flight -= 1
-        stats: ShardStats = actor_pool.get_next_unordered()
-        if stats.failed and attempts[stats.shard_id] < SHARD_ATTEMPTS:
-            log.warning("shard %s failed (attempt %d/%d), retrying: %s", stats.shard_id,
-                        attempts[stats.shard_id], SHARD_ATTEMPTS, stats.failed)
-            submit(by_id[stats.shard_id])
-        else:
-            by_id.pop(stats.shard_id, None)
-            _record(stats, summary, done, progress)
-        if time.monotonic() - last_beat > LOCK_HEARTBEAT_SECONDS:
-            lock.heartbeat()
-            last_beat = time.monotonic()
+    def collect_one() -> None:
+        nonlocal deaths_in_a_row
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        shard, slot, actor = in_flight.pop(ready[0])
+        load[slot] -= 1
+        try:
+            stats: ShardStats = ray.get(ready[0])
+        except RayActorError as exc:  # gone for good: restarts used up, or its node is lost
+            stats = ShardStats(shard.shard_id, shard.signature, fingerprint,
+                               failed=f"worker died: {storage.describe_error(exc)}")
+            if pool.actors[slot] is actor:  # the first of its queued shards to report it: replace it once
+                deaths_in_a_row += 1
+                if deaths_in_a_row <= max_deaths:
+                    log.warning("a worker died for good; starting a replacement (%s)", stats.failed)
+                    ray.kill(actor)  # if merely unreachable, it must not keep holding its CPU/GPU
+                    pool.actors[slot] = pool.new_actor()
+        except RayError as exc:
+            stats = ShardStats(shard.shard_id, shard.signature, fingerprint, failed=storage.describe_error(exc))
+        if stats.failed and attempts[shard.shard_id] < SHARD_ATTEMPTS:
+            log.warning("shard %s failed (attempt %d/%d), retrying: %s", shard.shard_id,
+                        attempts[shard.shard_id], SHARD_ATTEMPTS, stats.failed)
+            retry.append(shard)
+            return
+        if not stats.failed:
+            deaths_in_a_row = 0
+        _record(stats, summary, done, progress)
 
     try:
-        for shard in shards:
-            submit(shard)
-            while in_flight >= window:
-                drain_one()
+        pool.wait_ready()
+        while not lock.lost and deaths_in_a_row <= max_deaths:
+            while len(in_flight) < QUEUE_PER_ACTOR * len(pool.actors):
+                shard = next_shard()
+                if shard is None:
+                    break
+                submit(shard)
+            if not in_flight:
+                return
+            collect_one()
+        # Stopping early: let what is running finish (its writes are whole and correct), hand out nothing more.
         while in_flight:
-            drain_one()
+            collect_one()
+        reason = ("the output lock was taken over by another run" if lock.lost
+                  else f"{deaths_in_a_row} workers died in a row without finishing a shard")
+        log.error("stopping: %s", reason)
+        summary.failed[REST] = f"not handed out: {reason}"
     finally:
         progress.close()
-        for actor in actors:
-            ray.kill(actor)
+        pool.kill()
 
 
 def _record(stats: ShardStats, summary: JobSummary, done: dict[str, ShardStats], progress: Progress) -> None:

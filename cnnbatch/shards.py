@@ -102,7 +102,7 @@ def list_shards(uri: str, shard_size: int = 1000) -> Iterator[Shard]:
     chunk: list[str] = []
     index = 0
     seen_ids: set[str] = set()
-    for path in storage.iter_sorted_files(fs, root):
+    for path, info in storage.iter_sorted_entries(fs, root):
         rel = path[len(root) + 1:]
         if _is_bookkeeping(rel):
             continue
@@ -127,7 +127,7 @@ def list_shards(uri: str, shard_size: int = 1000) -> Iterator[Shard]:
             if shard_id in seen_ids:
                 raise InputError(f"two input files map to the same shard id {shard_id!r} (e.g. {rel})")
             seen_ids.add(shard_id)
-            yield Shard(shard_id, kind, root_url, (rel,), storage.file_fingerprint(fs.info(path)))
+            yield Shard(shard_id, kind, root_url, (rel,), storage.file_fingerprint(info))
     if chunk:
         yield _folder_shard(index, root_url, chunk)
     elif layout is None:

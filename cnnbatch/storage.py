@@ -31,15 +31,37 @@ class StorageError(RuntimeError):
     """Storage that cannot be reached or read, with a message that is safe to print."""
 
 
+def is_secret_name(name: str) -> bool:
+    return name.startswith(STORAGE_ENV_PREFIXES) and bool(SECRET_ENV_NAMES.search(name))
+
+
 def storage_env() -> dict[str, str]:
-    """The storage-related environment of this process, for Ray workers' ``runtime_env``."""
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
+    """The storage settings of this process that are not secret (endpoint, region, profile), for Ray workers'
+    ``runtime_env``. Ray's runtime-env agent logs a runtime_env verbatim, so secrets never go there."""
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES) and not is_secret_name(k)}
+
+
+class SecretEnv(dict):
+    """Secret storage variables (keys, tokens) handed to actors as a constructor argument, applied with
+    :meth:`apply`. Its repr names the variables only, so an error or log line that shows it leaks nothing."""
+
+    @classmethod
+    def from_environ(cls) -> "SecretEnv":
+        return cls({k: v for k, v in os.environ.items() if is_secret_name(k)})
+
+    def apply(self) -> None:
+        os.environ.update(self)
+
+    def __repr__(self) -> str:
+        return f"SecretEnv({', '.join(sorted(self))})"
+
+    __str__ = __repr__
 
 
 def redact(text: str) -> str:
     """Remove secret values from the environment and credentials embedded in URLs from ``text``."""
     for name, value in os.environ.items():
-        if value and len(value) >= 6 and SECRET_ENV_NAMES.search(name) and name.startswith(STORAGE_ENV_PREFIXES):
+        if value and len(value) >= 6 and is_secret_name(name):
             text = text.replace(value, "***")
     # scheme://user:password@host -> scheme://***@host
     return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", r"\1***@", text)
@@ -47,12 +69,27 @@ def redact(text: str) -> str:
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(fs, path)`` for an fsspec URL or a local path."""
+    options = {"use_listings_cache": False} if _protocol(uri) in OBJECT_STORES else {}
     try:
-        return url_to_fs(uri)
+        return url_to_fs(uri, **options)
     except ImportError as exc:  # e.g. s3:// without s3fs installed
         raise StorageError(f"cannot open {uri!r}: {exc} (install cnnbatch[s3] or cnnbatch[gcs])") from None
     except ValueError as exc:
         raise StorageError(f"cannot open {uri!r}: {exc}") from None
+
+
+# Stores whose listings other processes change under us (actors write parts while the driver lists): fsspec's
+# listing cache would serve stale listings and make ``exists``/``size`` miss fresh objects, so it is off there.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -80,7 +117,8 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 _TRANSIENT_MARKERS = (
     "timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500", "502", "504",
     "internalerror", "serviceunavailable", "connection reset", "connection aborted", "temporarily",
-    "requesttimeout", "too many requests", "429",
+    "requesttimeout", "too many requests", "429", "could not connect", "connection refused",
+    "serverdisconnected", "readtimeout", "connecttimeout", "broken pipe",
 )
 
 
@@ -134,13 +172,31 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        _fsync_dir(parent)  # the rename itself survives a power loss before the next file is written
     else:
         # One PUT is atomic on object stores: the object appears whole or not at all.
         with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
 
 
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and Windows) cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    """Create ``path`` only if it does not exist; return whether this call created it."""
+    """Create ``path`` only if it does not exist; return whether this call created it.
+
+    Local: ``O_EXCL``. S3: a PUT with ``If-None-Match: *`` (AWS S3 since 2024, MinIO, moto); a store answering
+    412 loses the race. Other fsspec stores: their exclusive ``xb`` mode when they have one.
+    """
     if is_local(fs):
         parent = path.rpartition("/")[0]
         fs.makedirs(parent, exist_ok=True)
@@ -150,11 +206,15 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
             return False
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         return True
     try:
-        # S3 and GCS both honour an If-None-Match style precondition through fsspec's exclusive mode.
-        with fs.open(path, "xb") as handle:
-            handle.write(data)
+        if is_s3(fs):
+            with_retries(lambda: fs.pipe_file(path, data, mode="create"), f"create {path}")
+        else:
+            with fs.open(path, "xb") as handle:
+                handle.write(data)
         return True
     except FileExistsError:
         return False
@@ -166,13 +226,51 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
         return True
 
 
-def iter_sorted_files(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]:
-    """Yield every file under ``root`` in lexicographic order of full path, holding one directory at a time.
+# Keys per listing request on S3 (its maximum). Tests lower it to exercise paging on a few keys.
+S3_LIST_PAGE_SIZE = 1000
 
-    Sorting siblings by ``name`` for files and ``name + "/"`` for folders gives exactly the global order of full
-    paths, so the result matches a flat sorted listing (and an S3 listing) without ever holding the whole tree.
+
+def iter_sorted_entries(fs: fsspec.AbstractFileSystem, root: str,
+                        page_size: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(path, info)`` for every file under ``root`` in lexicographic order of full path, streaming.
+
+    S3 lists the whole prefix flat, one page of keys at a time (S3 returns keys in UTF-8 binary order, which is
+    Python's string order), so a prefix holding millions of keys never sits in memory. Other stores are walked
+    one directory at a time: siblings sort by ``name`` for files and ``name + "/"`` for folders, which is exactly
+    the global order of full paths, so both give the same order (the order defines folder shard ids).
     """
     root = root.rstrip("/")
+    if is_s3(fs):
+        yield from _iter_s3_flat(fs, root, page_size or S3_LIST_PAGE_SIZE)
+    else:
+        yield from _iter_walk(fs, root)
+
+
+def iter_sorted_files(fs: fsspec.AbstractFileSystem, root: str, page_size: int | None = None) -> Iterator[str]:
+    """Every file path under ``root``, in lexicographic order, streaming (see :func:`iter_sorted_entries`)."""
+    for path, _ in iter_sorted_entries(fs, root, page_size):
+        yield path
+
+
+def _iter_s3_flat(fs: fsspec.AbstractFileSystem, root: str, page_size: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    bucket, _, key = root.partition("/")
+    prefix = f"{key}/" if key else ""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size,
+                               **getattr(fs, "req_kw", {})}  # e.g. RequestPayer for requester-pays buckets
+    while True:
+        page = with_retries(lambda: fs.call_s3("list_objects_v2", **request), f"list {root}")
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):  # a zero-byte "folder" marker made by consoles, not a file
+                continue
+            info = {"name": f"{bucket}/{item['Key']}", "size": item.get("Size"), "type": "file",
+                    "ETag": item.get("ETag"), "LastModified": item.get("LastModified")}
+            yield info["name"], info
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _iter_walk(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         entries = with_retries(lambda: fs.ls(root, detail=True), f"list {root}")
     except FileNotFoundError:
@@ -183,13 +281,13 @@ def iter_sorted_files(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[str]
         if name == root:  # some stores list the folder itself
             continue
         is_dir = entry.get("type") == "directory"
-        keyed.append((name.rsplit("/", 1)[-1] + ("/" if is_dir else ""), name, is_dir))
-    keyed.sort()
-    for _, name, is_dir in keyed:
+        keyed.append((name.rsplit("/", 1)[-1] + ("/" if is_dir else ""), name, is_dir, entry))
+    keyed.sort(key=lambda item: item[0])
+    for _, name, is_dir, entry in keyed:
         if is_dir:
-            yield from iter_sorted_files(fs, name)
+            yield from _iter_walk(fs, name)
         else:
-            yield name
+            yield name, entry
 
 
 def describe_error(exc: BaseException) -> str:
