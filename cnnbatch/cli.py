@@ -35,6 +35,8 @@ JOBS: dict[str, Job] = {
     for job in (
         Job("extract", "cnnbatch.extract", "ExtractConfig", "run_extract",
             "extract CNN feature vectors from images into Parquet"),
+        Job("train", "cnnbatch.train", "TrainConfig", "run_train",
+            "train a classifier head on feature Parquet into a model folder"),
     )
 }
 

@@ -1,0 +1,293 @@
+"""The model folder written by ``train`` and read by ``predict``: everything needed to rebuild backbone + head.
+
+Layout (CONTRACT.md, "Model output of train")::
+
+    head.keras             the head: raw backbone features -> class probabilities (normalisation included)
+    labels.txt             the class names, one per line, in output order
+    metrics.json           train/validation loss and accuracy, per-class precision/recall, rows, where it ran
+    confusion_matrix.png   validation confusion matrix
+    training_curve.png     loss and accuracy per epoch
+    model.json             the manifest: format, backbone reference, labels, and the sha256 of every file above
+
+``model.json`` is written last and is what makes a folder a model: on a local filesystem the folder is built under
+a hidden sibling name and renamed into place; on object stores every file is written first and the manifest last,
+so a crash never leaves a folder that looks complete. Loading verifies every checksum and loads the head with
+``safe_mode=True``, which refuses Lambda layers and unregistered custom code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping
+
+from . import storage
+from .weights import WeightsRef
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "cnnbatch-model/1"
+MANIFEST_FILE = "model.json"
+HEAD_FILE = "head.keras"
+LABELS_FILE = "labels.txt"
+METRICS_FILE = "metrics.json"
+CONFUSION_FILE = "confusion_matrix.png"
+CURVE_FILE = "training_curve.png"
+MODEL_FILES = frozenset({MANIFEST_FILE, HEAD_FILE, LABELS_FILE, METRICS_FILE, CONFUSION_FILE, CURVE_FILE})
+LEGACY_HEAD_SUFFIXES = (".h5", ".hdf5")
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be written or used, with a one-line message naming what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model folder says about itself (``model.json``, less the bookkeeping)."""
+
+    backbone: str
+    image_size: int
+    weights: WeightsRef
+    feature_dim: int
+    labels: tuple[str, ...]
+    head: str  # "mlp" | "linear"
+    precision: str  # the backbone's compute precision the features were extracted with
+    preprocessing: str
+    decode: str
+    files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["weights"] = self.weights.to_dict()
+        data["labels"] = list(self.labels)
+        data["files"] = dict(sorted(self.files.items()))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelInfo":
+        try:
+            return cls(backbone=str(data["backbone"]), image_size=int(data["image_size"]),
+                       weights=WeightsRef.from_dict(data["weights"]), feature_dim=int(data["feature_dim"]),
+                       labels=tuple(str(label) for label in data["labels"]), head=str(data["head"]),
+                       precision=str(data["precision"]), preprocessing=str(data["preprocessing"]),
+                       decode=str(data["decode"]), files=dict(data.get("files") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{MANIFEST_FILE} is missing or has a malformed field: {exc}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+def check_output(uri: str, overwrite: bool) -> None:
+    """Refuse an ``--output`` that holds a model (unless ``overwrite``) or files cnnbatch did not write.
+
+    Called by the driver before a fit, so a long training never ends on "output exists".
+    """
+    fs, path = storage.filesystem(uri)
+    names = _list_names(fs, path)
+    if names is None:
+        return
+    foreign = sorted(n for n in names if n not in MODEL_FILES and not n.startswith("."))
+    if foreign:
+        raise ModelError(f"--output {storage.redact(uri)} holds files that are not part of a cnnbatch model "
+                         f"({', '.join(foreign[:3])}); use an empty or new folder")
+    if MANIFEST_FILE in names and not overwrite:
+        raise ModelError(f"--output {storage.redact(uri)} already holds a model; use --overwrite to replace it "
+                         "or choose another folder")
+
+
+def _list_names(fs: Any, path: str) -> list[str] | None:
+    """Names directly under ``path``, or None when there is nothing there."""
+    try:
+        if fs.isfile(path):
+            raise ModelError(f"--output {storage.unstrip(fs, path)} is a file; a model is a folder")
+        entries = storage.with_retries(lambda: fs.ls(path, detail=False), f"list {path}")
+    except FileNotFoundError:
+        return None
+    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    return [n for n in names if n and n != path.rstrip("/").rsplit("/", 1)[-1]] or None
+
+
+def keras_bytes(model: Any) -> bytes:
+    """The ``.keras`` archive of ``model`` (Keras saves to a path only, so through a private temp folder)."""
+    with tempfile.TemporaryDirectory(prefix="cnnbatch-head-") as tmp:
+        path = os.path.join(tmp, HEAD_FILE)
+        model.save(path)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+def write_model_folder(uri: str, head_model: Any, info: ModelInfo, metrics: Mapping[str, Any],
+                       figures: Mapping[str, bytes], overwrite: bool = False) -> ModelInfo:
+    """Write the model folder at ``uri`` atomically; return ``info`` with the checksums of its files."""
+    unknown = sorted(set(figures) - {CONFUSION_FILE, CURVE_FILE})
+    if unknown:
+        raise ModelError(f"unexpected figure names {unknown}; expected {CONFUSION_FILE} and {CURVE_FILE}")
+    if any("\n" in label or "\r" in label for label in info.labels):
+        raise ModelError("class labels may not contain line breaks (labels.txt holds one per line)")
+    check_output(uri, overwrite)
+    files: dict[str, bytes] = {
+        HEAD_FILE: keras_bytes(head_model),
+        LABELS_FILE: "".join(f"{label}\n" for label in info.labels).encode(),
+        METRICS_FILE: json.dumps(metrics, indent=1, sort_keys=True, default=_json_default).encode(),
+        **figures,
+    }
+    info = replace(info, files={name: sha256_bytes(data) for name, data in files.items()})
+    manifest = {"format": MODEL_FORMAT, **info.to_dict(),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
+    files[MANIFEST_FILE] = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    fs, path = storage.filesystem(uri)
+    if storage.has_rename(fs):
+        _write_local(path.rstrip("/"), files)
+    else:
+        _write_object_store(fs, path.rstrip("/"), files)
+    log.info("model written to %s (%d classes, head %s)", storage.redact(uri), len(info.labels), info.head)
+    return info
+
+
+def _write_local(path: str, files: Mapping[str, bytes]) -> None:
+    """Build the folder under a hidden sibling name, then rename it into place (replacing an old model)."""
+    parent, _, name = path.rpartition("/")
+    parent = parent or "/"
+    os.makedirs(parent, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp, old = os.path.join(parent, f".{name}.{token}.tmp"), os.path.join(parent, f".{name}.{token}.old")
+    os.mkdir(tmp)
+    try:
+        for file_name, data in files.items():
+            with open(os.path.join(tmp, file_name), "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        if os.path.exists(path):
+            os.rename(path, old)  # the old folder is out of the way; renaming tmp in is the commit
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(old) and not os.path.exists(path):
+            os.rename(old, path)  # put the previous model back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_object_store(fs: Any, path: str, files: Mapping[str, bytes]) -> None:
+    """Manifest off first (the folder stops looking complete), then every file, then the manifest."""
+    manifest_path = storage.join(path, MANIFEST_FILE)
+    if fs.exists(manifest_path):
+        fs.rm_file(manifest_path)
+    for name, data in files.items():
+        if name != MANIFEST_FILE:
+            storage.write_bytes_atomic(fs, storage.join(path, name), data)
+    storage.write_bytes_atomic(fs, manifest_path, files[MANIFEST_FILE])
+
+
+def _versions() -> dict[str, str]:
+    from .extract import library_versions
+
+    return library_versions()
+
+
+def _json_default(value: Any) -> Any:
+    """NumPy scalars and arrays in metrics become plain JSON numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+def read_model_info(uri: str) -> ModelInfo:
+    """The manifest of a complete model folder, without loading Keras (for drivers and validation)."""
+    fs, path = storage.filesystem(uri)
+    path = path.rstrip("/")
+    shown = storage.redact(uri)
+    try:
+        raw = storage.read_bytes(fs, storage.join(path, MANIFEST_FILE))
+    except FileNotFoundError:
+        legacy = _legacy_heads(fs, path)
+        if legacy:
+            raise ModelError(f"model {shown} has a legacy HDF5 head ({legacy[0]}), which is refused: retrain it with "
+                             f"cnnbatch train (writes {HEAD_FILE} and {MANIFEST_FILE})") from None
+        raise ModelError(f"{shown} is not a complete cnnbatch model folder: no {MANIFEST_FILE} "
+                         "(an unfinished training never writes it)") from None
+    except Exception as exc:  # noqa: BLE001 - storage failures end the same way for the user
+        raise storage.StorageError(f"cannot read model {shown}: {storage.describe_error(exc)}") from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        raise ModelError(f"{MANIFEST_FILE} of {shown} is not valid JSON") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != MODEL_FORMAT:
+        raise ModelError(f"model {shown} has format {found!r}; this cnnbatch reads {MODEL_FORMAT!r}")
+    info = ModelInfo.from_dict(manifest)
+    head_files = [n for n in info.files if n.endswith(LEGACY_HEAD_SUFFIXES)]
+    if head_files or HEAD_FILE not in info.files:
+        raise ModelError(f"model {shown} has no {HEAD_FILE} head"
+                         + (f" but a legacy HDF5 one ({head_files[0]}), which is refused" if head_files else ""))
+    return info
+
+
+def _legacy_heads(fs: Any, path: str) -> list[str]:
+    names = _list_names(fs, path) or []
+    return sorted(n for n in names if n.endswith(LEGACY_HEAD_SUFFIXES))
+
+
+def read_verified(uri: str, info: ModelInfo, name: str) -> bytes:
+    """One file of the model folder, checked against the manifest's sha256."""
+    fs, path = storage.filesystem(uri)
+    expected = info.files.get(name)
+    if expected is None:
+        raise ModelError(f"{name} is not listed in {MANIFEST_FILE} of {storage.redact(uri)}")
+    try:
+        data = storage.read_bytes(fs, storage.join(path.rstrip("/"), name))
+    except FileNotFoundError:
+        raise ModelError(f"model {storage.redact(uri)} is missing {name}, which {MANIFEST_FILE} lists") from None
+    got = sha256_bytes(data)
+    if got != expected:
+        raise ModelError(f"{name} of model {storage.redact(uri)} does not match {MANIFEST_FILE} "
+                         f"(sha256 {got[:12]}..., expected {expected[:12]}...): the folder was modified or is torn")
+    return data
+
+
+def verify_model_folder(uri: str, info: ModelInfo | None = None) -> ModelInfo:
+    """Check every file listed in the manifest; return the manifest."""
+    info = info or read_model_info(uri)
+    for name in sorted(info.files):
+        read_verified(uri, info, name)
+    return info
+
+
+def load_head_bytes(data: bytes, what: str = "head") -> Any:
+    """A Keras model from ``.keras`` bytes with ``safe_mode=True`` (no Lambda layers, no custom code)."""
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="cnnbatch-head-") as tmp:
+        path = os.path.join(tmp, HEAD_FILE)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        try:
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means the head cannot be trusted or used
+            raise ModelError(f"cannot load the {what} with safe_mode=True (Lambda layers and unregistered custom "
+                             f"code are refused): {storage.describe_error(exc)}") from None
+
+
+def load_model_folder(uri: str) -> tuple[ModelInfo, Any]:
+    """Verify a model folder and load its head; the head's shapes must match the manifest."""
+    info = verify_model_folder(uri)
+    head = load_head_bytes(read_verified(uri, info, HEAD_FILE), f"head of {storage.redact(uri)}")
+    inputs, outputs = head.input_shape, head.output_shape
+    if tuple(inputs)[-1] != info.feature_dim or tuple(outputs)[-1] != len(info.labels):
+        raise ModelError(f"the head of {storage.redact(uri)} maps {inputs} -> {outputs}, but {MANIFEST_FILE} says "
+                         f"{info.feature_dim} features -> {len(info.labels)} classes")
+    return info, head
