@@ -37,6 +37,8 @@ JOBS: dict[str, Job] = {
             "extract CNN feature vectors from images into Parquet"),
         Job("train", "cnnbatch.train", "TrainConfig", "run_train",
             "train a classifier head on feature Parquet into a model folder"),
+        Job("predict", "cnnbatch.predict", "PredictConfig", "run_predict",
+            "label images with backbone + trained head: in bulk into Parquet, or one image at a terminal"),
     )
 }
 

@@ -1,0 +1,330 @@
+"""The predict job: images -> class labels with backbone + trained head, in bulk over shards or for one image.
+
+Bulk prediction is extraction's machinery with another :class:`~cnnbatch.worker.ShardTask`: the same shard
+listing, decoding, Ray actor pool, ``_errors``, atomic parts, resume and ``_SUCCESS``; each actor holds one
+:class:`Predictor` (the backbone rebuilt from the model folder's weights reference, fused with the head into one
+compiled function from uint8 pixels to probabilities). The resume fingerprint covers the model folder's manifest
+digest, so a changed model is a new configuration, while a bucket that gained shards only has the new ones done.
+
+One-image prediction builds the same :class:`Predictor` in-process (no Ray) and feeds it the same decoding, so
+both paths give the same label and probability for the same image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .config import log_config, option, require, to_dict
+from .decode import DecodeError, decode_image
+from .embed import PRECISIONS, Embedder, ModelSpec, resolve_precision, variables_digest
+from .extract import DECODE_VERSION, default_gpus_per_worker, library_versions, resolve_requested_precision
+from .fetch import SCHEMES, FetchPolicy, fetch_url
+from .modelio import MANIFEST_FILE, ModelError, ModelInfo, load_model_folder
+from .output import METADATA_KEY, OutputDataset
+from .pipeline import JobSummary, PoolOptions, fingerprint_of, run_sharded_job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str = option("the model folder written by cnnbatch train (any fsspec URL)", metavar="URI")
+    input: str | None = option("bulk: images as a folder tree, .tar shards or .parquet files (any fsspec URL)",
+                               None, metavar="URI")
+    output: str | None = option("bulk: where the prediction Parquet dataset goes (any fsspec URL)", None,
+                                metavar="URI")
+    image: str | None = option("one image: a path or any fsspec URL (http(s) goes through the --image-url checks)",
+                               None, metavar="PATH_OR_URI")
+    image_url: str | None = option("one image fetched over http(s)", None, metavar="URL")
+    top_k: int = option("also give the K most likely labels", 1, metavar="K")
+    json: bool = option("one image: print the result as JSON", False)
+    allow_private_urls: bool = option(
+        "let --image-url reach loopback, private and link-local addresses (cloud metadata stays refused)", False)
+    batch_size: int = option("bulk: images per model call", 32, metavar="N")
+    shard_size: int = option("bulk: images per shard for a folder input", 1000, metavar="N")
+    workers: int = option("bulk: Ray actors, each holding one model", 1, metavar="N")
+    gpus_per_worker: float | None = option(
+        "bulk: GPUs per actor (default: 1 when the cluster has GPUs, else 0)", None, metavar="F")
+    precision: str | None = option(
+        "compute precision (default: the one the model's training features were extracted with)", None,
+        choices=PRECISIONS)
+    overwrite: bool = option("bulk: discard what the output holds and redo every shard", False)
+
+    def __post_init__(self) -> None:
+        bulk = self.input is not None or self.output is not None
+        one = self.image is not None or self.image_url is not None
+        require(bulk or one, "give --input and --output to predict in bulk, or --image / --image-url for one image")
+        require(not (bulk and one), "give either --input/--output (bulk) or --image/--image-url (one image), not both")
+        if bulk:
+            require(self.input is not None, "bulk prediction needs --input URI as well as --output")
+            require(self.output is not None, "bulk prediction needs --output URI as well as --input")
+            require(not self.json, "--json is for one-image prediction; bulk results go to --output as Parquet")
+        else:
+            require(self.image is None or self.image_url is None, "give --image or --image-url, not both")
+            if self.image_url is not None:
+                scheme = urlsplit(self.image_url).scheme.lower()
+                require(scheme in SCHEMES, f"--image-url takes an http or https URL, got {scheme or 'no'} scheme "
+                                           f"in {storage.redact(self.image_url)!r}; use --image for files and buckets")
+        require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
+        require(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
+        require(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
+                f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
+
+    @property
+    def one_image(self) -> bool:
+        return self.image is not None or self.image_url is not None
+
+
+# --- the fused model -------------------------------------------------------------------------------------------
+
+class Predictor:
+    """Backbone + head as one compiled function: ``{"image": (N, S, S, 3) uint8} -> {"probabilities": (N, C)}``."""
+
+    def __init__(self, info: ModelInfo, head: Any, precision: str):
+        import tensorflow as tf
+
+        self.info = info
+        self.labels = info.labels
+        # The Embedder builds the backbone exactly as extraction did (weights, seed, precision policy).
+        self.embedder = Embedder(ModelSpec(info.backbone, info.image_size, info.weights, precision))
+        if self.embedder.feature_dim != info.feature_dim:
+            raise ModelError(f"backbone {info.backbone} gives {self.embedder.feature_dim} features, "
+                             f"{MANIFEST_FILE} says {info.feature_dim}")
+        if info.weights.kind == "random" and info.weights.sha256:
+            # A seeded random backbone is identified by its content: a rebuild that differs (another Keras)
+            # would give features the head never saw.
+            rebuilt = variables_digest(self.embedder.model)
+            if rebuilt != info.weights.sha256:
+                raise ModelError(f"the random backbone rebuilt with seed {info.weights.seed} differs from the one "
+                                 f"the training features came from (sha256 {rebuilt[:12]}..., expected "
+                                 f"{info.weights.sha256[:12]}...)")
+        size = self.embedder.image_size
+        backbone = self.embedder.model
+        preprocess = self.embedder.backbone.preprocess_fn()
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)], jit_compile=False)
+        def predict(images: tf.Tensor) -> tf.Tensor:
+            pixels = preprocess(tf.cast(images, tf.float32))
+            features = tf.cast(backbone(pixels, training=False), tf.float32)
+            return tf.cast(head(features, training=False), tf.float32)
+
+        self._predict = predict
+
+    @property
+    def image_size(self) -> int:
+        return self.embedder.image_size
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """``(N, S, S, 3)`` uint8 -> ``(N, n_classes)`` float32."""
+        expected = (self.image_size, self.image_size, 3)
+        if images.dtype != np.uint8 or images.shape[1:] != expected:
+            raise ValueError(f"expected uint8 images of shape (N, {expected[0]}, {expected[1]}, 3), "
+                             f"got {images.dtype} {images.shape}")
+        if len(images) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return self._predict(images).numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"probabilities": self.probabilities(batch["image"])}
+
+
+def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and probabilities of the ``k`` most likely classes per row, best first (ties: lower index)."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probabilities, order, axis=1).astype(np.float32)
+
+
+# --- the prediction table --------------------------------------------------------------------------------------
+
+def prediction_schema(k: int, metadata: dict[str, Any]) -> pa.Schema:
+    fields = [("key", pa.string()), ("predicted_label", pa.string()), ("probability", pa.float32())]
+    if k > 1:
+        fields += [("top_k_labels", pa.list_(pa.string())), ("top_k_probabilities", pa.list_(pa.float32()))]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+def prediction_table(keys: list[str], probabilities: np.ndarray, labels: tuple[str, ...], k: int,
+                     schema: pa.Schema) -> pa.Table:
+    indices, best = top_k(probabilities, k)
+    vocabulary = np.asarray(labels, dtype=object)
+    columns = [pa.array(keys, pa.string()), pa.array(vocabulary[indices[:, 0]].tolist(), pa.string()),
+               pa.array(best[:, 0], pa.float32())]
+    if k > 1:
+        offsets = pa.array(np.arange(0, len(keys) * k + 1, k, dtype=np.int32))
+        columns += [pa.ListArray.from_arrays(offsets, pa.array(vocabulary[indices].reshape(-1).tolist(), pa.string())),
+                    pa.ListArray.from_arrays(offsets, pa.array(best.reshape(-1), pa.float32()))]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass(frozen=True)
+class PredictTask:
+    """Prediction as a :class:`~cnnbatch.worker.ShardTask`: a fused predictor plus the prediction table layout."""
+
+    model_uri: str
+    info: ModelInfo
+    precision: str
+    top_k: int
+    batch_size: int
+    metadata: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    def make_model(self) -> Predictor:
+        info, head = load_model_folder(self.model_uri)
+        if info != self.info:
+            raise ModelError(f"model folder {storage.redact(self.model_uri)} changed while the job ran")
+        return Predictor(info, head, self.precision)
+
+    def make_table(self, model: Predictor, keys: list[str], labels: list[str | None],
+                   outputs: dict[str, np.ndarray]) -> pa.Table:
+        probabilities = outputs.get("probabilities", np.zeros((0, len(self.info.labels)), np.float32))
+        return prediction_table(keys, probabilities, self.info.labels, self.top_k,
+                                prediction_schema(self.top_k, self.metadata))
+
+
+# --- the model folder ------------------------------------------------------------------------------------------
+
+def manifest_sha256(model_uri: str) -> str:
+    """sha256 of the model folder's ``model.json``: it lists every file's checksum, so it identifies the model."""
+    fs, path = storage.filesystem(model_uri)
+    try:
+        return hashlib.sha256(storage.read_bytes(fs, storage.join(path.rstrip("/"), MANIFEST_FILE))).hexdigest()
+    except FileNotFoundError:
+        return ""  # load_model_folder says what the folder lacks (e.g. a legacy .h5 head)
+
+
+def open_model(model_uri: str, k: int) -> tuple[ModelInfo, Any, str]:
+    """Load and check the model folder (checksums, safe loading, head shape): ``(info, head, manifest sha256)``."""
+    digest = manifest_sha256(model_uri)
+    info, head = load_model_folder(model_uri)
+    if manifest_sha256(model_uri) != digest:
+        raise ModelError(f"model {storage.redact(model_uri)} changed while it was being loaded; try again")
+    if k > len(info.labels):
+        raise ValueError(f"--top-k must be at most the model's {len(info.labels)} classes, got {k}")
+    if info.decode != DECODE_VERSION:
+        log.warning("the model was trained on features decoded as %s; this version decodes as %s (predictions "
+                    "may differ slightly from what training saw)", info.decode, DECODE_VERSION)
+    return info, head, digest
+
+
+def prediction_metadata(model_uri: str, digest: str, info: ModelInfo, precision: str, k: int) -> dict[str, Any]:
+    """What every prediction part records about the model that made it (CONTRACT.md: schema metadata)."""
+    weights = {k_: (storage.redact(v) if isinstance(v, str) else v) for k_, v in info.weights.to_dict().items()}
+    return {
+        "kind": "predictions",
+        "model": {"uri": storage.redact(model_uri), "sha256": digest, "head": info.head},
+        "backbone": info.backbone,
+        "image_size": info.image_size,
+        "weights": weights,
+        "labels": list(info.labels),
+        "precision": precision,
+        "decode": DECODE_VERSION,
+        "top_k": k,
+        "versions": library_versions(),
+    }
+
+
+def prediction_fingerprint(digest: str, k: int, precision: str) -> str:
+    return fingerprint_of({"kind": "predictions", "model_sha256": digest, "top_k": k, "precision": precision,
+                           "decode": DECODE_VERSION})
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+def run_predict(config: PredictConfig) -> "JobSummary | ImagePrediction":
+    log_config(config)
+    return predict_image(config) if config.one_image else predict_bulk(config)
+
+
+def predict_bulk(config: PredictConfig) -> JobSummary:
+    assert config.input is not None and config.output is not None
+    storage.ensure_reachable(config.input, must_exist=True)
+    info, _, digest = open_model(config.model, config.top_k)
+    gpus = default_gpus_per_worker(config.gpus_per_worker)
+    precision = resolve_requested_precision(config.precision or info.precision, gpus)
+    task = PredictTask(config.model, info, precision, config.top_k, config.batch_size,
+                       prediction_metadata(config.model, digest, info, precision, config.top_k))
+    recorded = to_dict(config) | {"model_sha256": digest, "precision": precision}
+    return run_sharded_job(
+        input_uri=config.input, shard_size=config.shard_size, output=OutputDataset(config.output), task=task,
+        fingerprint=prediction_fingerprint(digest, config.top_k, precision), config=recorded,
+        pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite,
+    )
+
+
+@dataclass
+class ImagePrediction:
+    """One image's answer; ``line()`` is what the terminal shows (JSON with ``--json``)."""
+
+    image: str
+    model: str
+    model_sha256: str
+    labels: list[str]
+    probabilities: list[float]
+    as_json: bool = False
+    failed: dict[str, str] = field(default_factory=dict)
+    bare = True  # cli.report prints line() as is: --json output must be nothing but JSON
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "label": self.label, "probability": self.probability,
+                "top_k": [{"label": lb, "probability": p} for lb, p in zip(self.labels, self.probabilities)],
+                "model": self.model, "model_sha256": self.model_sha256}
+
+    def line(self) -> str:
+        if self.as_json:
+            return json.dumps(self.to_dict())
+        return "\n".join(f"{label} {probability:.6f}" for label, probability in zip(self.labels, self.probabilities))
+
+
+def read_image(config: PredictConfig) -> tuple[str, bytes]:
+    """``(what to call it, its bytes)``: http(s) through the safe fetcher, anything else through fsspec."""
+    source = config.image_url or config.image
+    assert source is not None
+    if urlsplit(source).scheme.lower() in SCHEMES:
+        return storage.redact(source), fetch_url(source, FetchPolicy(allow_private=config.allow_private_urls)).data
+    fs, path = storage.filesystem(source)
+    try:
+        return storage.redact(source), storage.read_bytes(fs, path)
+    except FileNotFoundError:
+        raise storage.StorageError(f"image {storage.redact(source)} does not exist") from None
+    except IsADirectoryError:
+        raise storage.StorageError(f"--image {storage.redact(source)} is a folder; use --input/--output for "
+                                   "bulk prediction") from None
+    except Exception as exc:  # noqa: BLE001 - any read failure is reported the same way
+        raise storage.StorageError(f"cannot read image {storage.redact(source)}: "
+                                   f"{storage.describe_error(exc)}") from None
+
+
+def predict_image(config: PredictConfig) -> ImagePrediction:
+    """One image, in this process: the same decoding and fused model as the bulk path."""
+    info, head, digest = open_model(config.model, config.top_k)
+    source, data = read_image(config)
+    try:
+        pixels = decode_image(data, info.image_size)
+    except DecodeError as exc:
+        raise DecodeError(f"{source}: {exc}") from None
+    predictor = Predictor(info, head, resolve_precision(config.precision or info.precision))
+    indices, best = top_k(predictor.probabilities(pixels[np.newaxis]), config.top_k)
+    return ImagePrediction(source, storage.redact(config.model), digest,
+                           [info.labels[i] for i in indices[0]], [float(p) for p in best[0]], config.json)
