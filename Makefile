@@ -18,7 +18,7 @@ IMAGE_SIZE ?=
 WORKERS ?= 1
 EXTRA ?=
 
-.PHONY: help install demo test extract
+.PHONY: help install demo test extract validate-k8s
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -34,8 +34,11 @@ install: $(STAMP) ## create .venv with the project and its test extras
 demo: install ## the whole pipeline on a generated sample: extract features (more stages as they land)
 	$(PY) -m cnnbatch.demo --root $(DATA)
 
-test: install ## run the whole test suite
+test: install validate-k8s ## run the whole test suite (the Kubernetes manifests' validation first)
 	$(PY) -m pytest
+
+validate-k8s: install ## validate the manifests in k8s/ offline (core kinds strictly; KubeRay CRDs from ../shared)
+	$(PY) k8s/validate.py
 
 extract: install ## extract features: make extract INPUT=... OUTPUT=... BACKBONE=vgg16 WEIGHTS=imagenet
 	$(CNNBATCH) extract --input $(INPUT) --output $(OUTPUT) --backbone $(BACKBONE) --weights $(WEIGHTS) \
