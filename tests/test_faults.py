@@ -1,0 +1,282 @@
+"""Faults: transient storage errors, crash leftovers, a killed actor, a killed driver, a shard that keeps failing,
+two runs on one output. After each, every input image is in the output exactly once (features or ``_errors``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from cnnbatch import storage
+from cnnbatch.output import OutputDataset, ShardStats, embeddings_table, feature_schema
+
+from .conftest import REPO, S3Server, run_cli
+
+FAULT_IMAGE_SIZE = 64  # ~2 s per 60-image shard on this CPU: slow enough to kill an actor mid-shard
+SHARD_SIZE = 60
+BROKEN = "dots/dots-0059.png"  # one input that cannot be decoded: it must land in _errors
+
+
+# --- transient errors ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exc, transient", [
+    (TimeoutError("read timed out"), True),
+    (ConnectionResetError("connection reset by peer"), True),
+    (OSError("An error occurred (SlowDown) when calling the PutObject operation: Please reduce your rate"), True),
+    (OSError("503 Service Unavailable"), True),
+    (RuntimeError("Could not connect to the endpoint URL: http://127.0.0.1:9/b"), True),
+    (RuntimeError("An error occurred (InternalError): We encountered an internal error"), True),
+    (FileNotFoundError("b/missing"), False),
+    (PermissionError("Access Denied"), False),
+    (ValueError("not a parquet file"), False),
+])
+def test_transient_errors_are_told_apart(exc: BaseException, transient: bool) -> None:
+    assert storage.is_transient(exc) is transient
+
+
+def test_transient_errors_are_retried_with_growing_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    delays: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", delays.append)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise OSError("503 SlowDown")
+        return "ok"
+
+    assert storage.with_retries(flaky, "test", attempts=5, base_delay=0.1) == "ok"
+    assert len(calls) == 4 and len(delays) == 3
+    assert delays[0] < delays[2] and all(d > 0 for d in delays)
+
+    calls.clear()
+    with pytest.raises(PermissionError):
+        storage.with_retries(lambda: calls.append(1) or (_ for _ in ()).throw(PermissionError("denied")), "test")
+    assert len(calls) == 1, "a permanent error is not retried"
+
+    with pytest.raises(TimeoutError):
+        storage.with_retries(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "test", attempts=3)
+    assert len(delays) == 3 + 2, "gives up after the last attempt"
+
+
+# --- leftovers of a crash are never taken for done -------------------------------------------------------------
+
+@pytest.fixture(params=["local", "s3"])
+def output_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "out")
+    s3: S3Server = request.getfixturevalue("s3_env")
+    return f"s3://{s3.new_bucket()}/out"
+
+
+def small_table(keys: list[str]) -> pa.Table:
+    schema = feature_schema(4, {"backbone": "test"})
+    return embeddings_table(keys, [None] * len(keys), np.ones((len(keys), 4), np.float32), schema)
+
+
+def test_crash_leftovers_are_never_read_as_done(output_uri: str) -> None:
+    out = OutputDataset(output_uri)
+    out.prepare("fp", {"backbone": "test"}, overwrite=False)
+    for shard in ("a", "b", "c", "d"):
+        out.write_shard(ShardStats(shard, "sig", "fp"), small_table([f"{shard}1", f"{shard}2"]), [])
+    assert all(out.done_stats(s, "sig", "fp") for s in "abcd")
+
+    fs, stats_of = out.fs, (lambda shard: f"{out.path}/_stats/{shard}.json")
+    fs.pipe_file(out.part_path("a"), b"PAR1 half a part")  # the part was replaced, its stats is stale
+    fs.rm_file(stats_of("b"))
+    fs.pipe_file(out.part_path("b"), b"garbage without any stats")  # a part written, then the crash
+    fs.pipe_file(stats_of("c"), b'{"shard_id": "c", "fingerpr')  # a torn stats record
+    assert out.done_stats("d", "sig", "other-fingerprint") is None  # done for another configuration only
+    assert out.done_stats("d", "other-input", "fp") is None  # the input changed since
+    assert [s for s in "abcd" if out.done_stats(s, "sig", "fp")] == ["d"]
+
+
+def test_hidden_temporary_files_are_ignored_then_cleaned(tmp_path: Path) -> None:
+    out = OutputDataset(str(tmp_path / "out"))
+    out.prepare("fp", {}, overwrite=False)
+    out.write_shard(ShardStats("000000", "sig", "fp"), small_table(["k1", "k2"]), [])
+    leftovers = [tmp_path / "out" / ".part-000001.parquet.0a1b2c3d.tmp",
+                 tmp_path / "out" / "_stats" / ".000001.json.deadbeef.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    assert out.list_parts() == ["part-000000.parquet"]
+    assert out.done_stats("000001", "sig", "fp") is None
+    assert ds.dataset(str(tmp_path / "out")).to_table().num_rows == 2
+    out.prepare("fp", {}, overwrite=False)  # what a rerun does under the lock
+    assert not any(path.exists() for path in leftovers)
+
+
+# --- with Ray: a killed actor, a killed driver, a shard that keeps failing ---------------------------------------
+
+@pytest.fixture(scope="module")
+def fault_input(tmp_path_factory) -> Path:
+    from cnnbatch.sample import write_sample
+
+    root = tmp_path_factory.mktemp("fault-input")
+    write_sample(root, per_class=SHARD_SIZE, size=48)  # 180 images: 3 shards of 60
+    (root / "train" / "dots" / BROKEN.split("/")[1]).write_bytes(b"\x89PNG but not an image")
+    return root / "train"
+
+
+def input_keys(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def assert_exactly_once(output: Path, root: Path) -> None:
+    features = ds.dataset(str(output)).to_table().column("key").to_pylist()
+    errors = pq.read_table(output / "_errors").column("key").to_pylist()
+    assert len(features) == len(set(features)) and not set(features) & set(errors)
+    assert sorted(features + errors) == input_keys(root)
+    assert errors == [BROKEN]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def stats_pid(output: Path, shard: str) -> int:
+    return int(json.loads((output / "_stats" / f"{shard}.json").read_text())["worker"].rsplit(":", 1)[1])
+
+
+def extract_config(root: Path, output: Path):
+    from cnnbatch.extract import ExtractConfig
+
+    return ExtractConfig(input=str(root), output=str(output), weights="random", image_size=FAULT_IMAGE_SIZE,
+                         shard_size=SHARD_SIZE, batch_size=16, workers=1, gpus_per_worker=0)
+
+
+def test_killed_actor_then_crash_leftovers_then_noop_rerun(ray_cluster, fault_input: Path, tmp_path: Path) -> None:
+    """SIGKILL the actor while it works on shard 1: Ray restarts it and redoes the shard. Then leave the debris of
+    a crash in the output (a replaced part, a part without stats, a temp file): a rerun redoes exactly those
+    shards. Then a rerun with nothing to do rewrites no file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cnnbatch.extract import run_extract
+
+    output = tmp_path / "out"
+    config = extract_config(fault_input, output)
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(run_extract, config)
+        wait_for(lambda: (output / "_stats" / "000000.json").exists() or job.done(), 180, "the first shard")
+        killed = stats_pid(output, "000000")
+        time.sleep(0.3)  # the actor has moved on to shard 1 (queued on it), which takes ~2 s
+        assert not (output / "_stats" / "000001.json").exists(), "shard 1 finished too fast to be interrupted"
+        os.kill(killed, signal.SIGKILL)
+        summary = job.result(timeout=300)
+    assert summary.ok and summary.shards_done == 3 and summary.images == 180
+    assert stats_pid(output, "000001") != killed and stats_pid(output, "000002") != killed
+    assert_exactly_once(output, fault_input)
+
+    (output / "part-000001.parquet").write_bytes(b"PAR1 torn")
+    (output / "_stats" / "000002.json").unlink()
+    (output / "part-000002.parquet").write_bytes(b"garbage")
+    leftover = output / ".part-000000.parquet.0badc0de.tmp"
+    leftover.write_bytes(b"half")
+    again = run_extract(config)
+    assert again.ok and again.shards_skipped == 1 and again.shards_done == 2
+    assert not leftover.exists()
+    assert_exactly_once(output, fault_input)
+
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in output.rglob("*") if p.is_file()}
+    assert output / "_SUCCESS" in before
+    noop = run_extract(config)
+    assert noop.ok and noop.shards_done == 0 and noop.shards_skipped == 3
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in output.rglob("*") if p.is_file()} == before
+
+
+def test_killed_driver_concurrent_run_refused_rerun_completes(ray_cluster, fault_input: Path,
+                                                             tmp_path: Path) -> None:
+    """Drivers attach to this module's cluster. A second run on the same output exits with a clear message and
+    touches nothing; the first is killed with SIGKILL after a shard; a rerun takes over its lock (its process is
+    gone), skips the done shards and finishes with every image once."""
+    output = tmp_path / "out"
+    args = ["extract", "--input", str(fault_input), "--output", str(output), "--weights", "random",
+            "--image-size", str(FAULT_IMAGE_SIZE), "--shard-size", str(SHARD_SIZE), "--batch-size", "16",
+            "--workers", "1", "--gpus-per-worker", "0"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "cnnbatch", *args], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (output / "_cnnbatch.json").exists() or driver.poll() is not None, 120, "the lock")
+        lock, config_written = (output / "_LOCK").read_text(), (output / "_cnnbatch.json").stat().st_mtime_ns
+        second = run_cli(*args, env={"RAY_ADDRESS": env["RAY_ADDRESS"]})
+        assert second.returncode == 1
+        assert "is being written by another run" in second.stderr and "Traceback" not in second.stderr
+        assert json.loads((output / "_LOCK").read_text())["owner"] == json.loads(lock)["owner"]
+        assert (output / "_cnnbatch.json").stat().st_mtime_ns == config_written
+        wait_for(lambda: (output / "_stats" / "000000.json").exists() or driver.poll() is not None, 180,
+                 "the first shard")
+        assert driver.poll() is None, "the first run ended before it could be killed"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    done_before = {p.stem for p in (output / "_stats").glob("*.json")}
+    assert (output / "_LOCK").exists() and not (output / "_SUCCESS").exists() and len(done_before) < 3
+
+    rerun = run_cli(*args, env={"RAY_ADDRESS": env["RAY_ADDRESS"]})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"[{len(done_before)} already done]" in rerun.stdout
+    assert "taking over the lock" in rerun.stderr
+    assert not (output / "_LOCK").exists() and (output / "_SUCCESS").exists()
+    assert_exactly_once(output, fault_input)
+
+
+def webdataset_tar(images: list[Path]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for index, image in enumerate(images):
+            for name, data in ((f"s{index:03d}{image.suffix}", image.read_bytes()),
+                               (f"s{index:03d}.cls", image.parent.name.encode())):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_a_shard_that_keeps_failing_is_reported_then_retried_by_a_rerun(ray_cluster, sample_root: Path,
+                                                                        tmp_path: Path, capsys) -> None:
+    from cnnbatch.cli import main
+
+    images = sorted((sample_root / "holdout").rglob("*.*"))
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    (tars / "good-0.tar").write_bytes(webdataset_tar(images[:3]))
+    (tars / "good-1.tar").write_bytes(webdataset_tar(images[3:]))
+    (tars / "mangled.tar").write_bytes(b"this is no tar archive " * 40)
+    output = tmp_path / "out"
+    args = ["extract", "--input", str(tars), "--output", str(output), "--weights", "random", "--image-size", "32",
+            "--workers", "1", "--gpus-per-worker", "0"]
+
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "shard mangled failed: ReadError" in err and "1 shards failed; rerun" in err
+    failed = json.loads((output / "_FAILED").read_text())["failed"]
+    assert list(failed) == ["mangled"] and "ReadError" in failed["mangled"]
+    assert not (output / "_SUCCESS").exists()
+    assert ds.dataset(str(output)).to_table().num_rows == 6  # the other shards were completed
+
+    (tars / "mangled.tar").write_bytes(webdataset_tar(images[:2]))
+    assert main(args) == 0
+    assert "in 1 shards [2 already done]" in capsys.readouterr().out
+    assert (output / "_SUCCESS").exists() and not (output / "_FAILED").exists()
+    keys = ds.dataset(str(output)).to_table().column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 8
