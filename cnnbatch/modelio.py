@@ -18,6 +18,7 @@ so a crash never leaves a folder that looks complete. Loading verifies every che
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -25,8 +26,9 @@ import shutil
 import tempfile
 import time
 import uuid
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from . import storage
 from .weights import WeightsRef
@@ -267,10 +269,36 @@ def verify_model_folder(uri: str, info: ModelInfo | None = None) -> ModelInfo:
     return info
 
 
+def _lambda_layers(node: Any) -> Iterator[str]:
+    """Names of the Lambda layers anywhere in a Keras config (nested models included)."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "Lambda":
+            yield str((node.get("config") or {}).get("name", "?"))
+        for value in node.values():
+            yield from _lambda_layers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _lambda_layers(value)
+
+
+def refuse_lambda_layers(data: bytes, what: str = "head") -> None:
+    """safe_mode only refuses a Lambda's Python bytecode: a Lambda naming any Keras function still loads and runs
+    it. A head never needs one, so any Lambda layer is refused before Keras deserialises anything."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        return  # not a .keras archive: load_model says why
+    found = sorted(set(_lambda_layers(config)))
+    if found:
+        raise ModelError(f"the {what} has Lambda layers ({', '.join(found)}), which can run arbitrary code; refused")
+
+
 def load_head_bytes(data: bytes, what: str = "head") -> Any:
     """A Keras model from ``.keras`` bytes with ``safe_mode=True`` (no Lambda layers, no custom code)."""
     import keras
 
+    refuse_lambda_layers(data, what)
     with tempfile.TemporaryDirectory(prefix="cnnbatch-head-") as tmp:
         path = os.path.join(tmp, HEAD_FILE)
         with open(path, "wb") as handle:
