@@ -245,12 +245,12 @@ def prediction_fingerprint(digest: str, k: int, precision: str) -> str:
 # --- running ---------------------------------------------------------------------------------------------------
 
 def run_predict(config: PredictConfig) -> "JobSummary | ImagePrediction":
-    log_config(config)
     return predict_image(config) if config.one_image else predict_bulk(config)
 
 
 def predict_bulk(config: PredictConfig) -> JobSummary:
     assert config.input is not None and config.output is not None
+    log_config(config)
     storage.ensure_reachable(config.input, must_exist=True)
     info, _, digest = open_model(config.model, config.top_k)
     gpus = default_gpus_per_worker(config.gpus_per_worker)
