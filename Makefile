@@ -17,8 +17,14 @@ WEIGHTS ?= imagenet
 IMAGE_SIZE ?=
 WORKERS ?= 1
 EXTRA ?=
+MODEL ?= $(DATA)/model
+TOP_K ?= 1
+IMAGE ?=
+# predict reads new images and writes predictions: its own defaults unless INPUT / OUTPUT are given
+PREDICT_INPUT = $(if $(filter file,$(origin INPUT)),$(DATA)/sample/holdout,$(INPUT))
+PREDICT_OUTPUT = $(if $(filter file,$(origin OUTPUT)),$(DATA)/predictions,$(OUTPUT))
 
-.PHONY: help install demo test extract validate-k8s
+.PHONY: help install demo test extract validate-k8s predict
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,3 +49,7 @@ validate-k8s: install ## validate the manifests in k8s/ offline (core kinds stri
 extract: install ## extract features: make extract INPUT=... OUTPUT=... BACKBONE=vgg16 WEIGHTS=imagenet
 	$(CNNBATCH) extract --input $(INPUT) --output $(OUTPUT) --backbone $(BACKBONE) --weights $(WEIGHTS) \
 		--workers $(WORKERS) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(EXTRA)
+
+predict: install ## bulk-predict: make predict INPUT=... MODEL=... OUTPUT=... [TOP_K=3]; one image: IMAGE=x.jpg
+	$(CNNBATCH) predict --model $(MODEL) --top-k $(TOP_K) \
+		$(if $(IMAGE),--image $(IMAGE),--input $(PREDICT_INPUT) --output $(PREDICT_OUTPUT) --workers $(WORKERS)) $(EXTRA)
