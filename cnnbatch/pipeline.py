@@ -177,13 +177,6 @@ class _Pool:
             ray.kill(actor)
 
 
-def start_pool(task: ShardTask, output_uri: str, fingerprint: str, options: PoolOptions) -> list[Any]:
-    """Start ``options.workers`` actors and wait until each has built its model."""
-    pool = _Pool(task, output_uri, fingerprint, options)
-    pool.wait_ready()
-    return pool.actors
-
-
 def pending_shards(shards: Iterable[Shard], output: OutputDataset, fingerprint: str, summary: JobSummary,
                    done: dict[str, ShardStats], seen: dict[str, str]) -> Iterator[Shard]:
     """Shards that still need work; records every shard's kind in ``seen`` and the finished ones in ``done``."""
