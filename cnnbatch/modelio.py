@@ -291,7 +291,8 @@ def refuse_lambda_layers(data: bytes, what: str = "head") -> None:
         return  # not a .keras archive: load_model says why
     found = sorted(set(_lambda_layers(config)))
     if found:
-        raise ModelError(f"the {what} has Lambda layers ({', '.join(found)}), which can run arbitrary code; refused")
+        raise ModelError(f"the {what} has Lambda layers ({', '.join(found)}), which can run arbitrary code: refused "
+                         "before loading with safe_mode=True")
 
 
 def load_head_bytes(data: bytes, what: str = "head") -> Any:
