@@ -39,6 +39,7 @@ JOBS: dict[str, Job] = {
             "train a classifier head on feature Parquet into a model folder"),
         Job("predict", "cnnbatch.predict", "PredictConfig", "run_predict",
             "label images with backbone + trained head: in bulk into Parquet, or one image at a terminal"),
+        Job("plan", "cnnbatch.plan", "PlanConfig", "run_plan", "dry run: count images, list layers, estimate hours"),
     )
 }
 
