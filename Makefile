@@ -18,13 +18,19 @@ IMAGE_SIZE ?=
 WORKERS ?= 1
 EXTRA ?=
 MODEL ?= $(DATA)/model
+FEATURES ?= $(DATA)/features
+# The local Ray head of `make ray-head`, and where `make submit-train` sends jobs (its dashboard's URL)
+RAY_PORT ?= 6379
+RAY_DASHBOARD_PORT ?= 8265
+RAY_ADDRESS ?= http://127.0.0.1:$(RAY_DASHBOARD_PORT)
+RAY_AUTH_MODE ?= token
 TOP_K ?= 1
 IMAGE ?=
 # predict reads new images and writes predictions: its own defaults unless INPUT / OUTPUT are given
 PREDICT_INPUT = $(if $(filter file,$(origin INPUT)),$(DATA)/sample/holdout,$(INPUT))
 PREDICT_OUTPUT = $(if $(filter file,$(origin OUTPUT)),$(DATA)/predictions,$(OUTPUT))
 
-.PHONY: help install demo test extract validate-k8s predict
+.PHONY: help install demo test extract validate-k8s predict train ray-head ray-stop submit-train
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -53,3 +59,20 @@ extract: install ## extract features: make extract INPUT=... OUTPUT=... BACKBONE
 predict: install ## bulk-predict: make predict INPUT=... MODEL=... OUTPUT=... [TOP_K=3]; one image: IMAGE=x.jpg
 	$(CNNBATCH) predict --model $(MODEL) --top-k $(TOP_K) \
 		$(if $(IMAGE),--image $(IMAGE),--input $(PREDICT_INPUT) --output $(PREDICT_OUTPUT) --workers $(WORKERS)) $(EXTRA)
+
+train: install ## train a classifier head: make train FEATURES=data/features MODEL=data/model [EXTRA="--head linear"]
+	$(CNNBATCH) train --features $(FEATURES) --output $(MODEL) $(EXTRA)
+
+# A submitted entrypoint runs with the head's environment: the head starts with .venv/bin first on PATH so that
+# `python -m jobs.train` has the project. Token auth: the token is ~/.ray/auth_token (created here if missing).
+ray-head: install ## start a local Ray head with token auth and the project's Python (RAY_PORT, RAY_DASHBOARD_PORT)
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate >/dev/null
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token $(VENV)/bin/ray start --head --port $(RAY_PORT) \
+		--dashboard-host 127.0.0.1 --dashboard-port $(RAY_DASHBOARD_PORT) --disable-usage-stats
+
+ray-stop: install ## stop Ray on this machine (ray stop: every Ray process of this user here)
+	$(VENV)/bin/ray stop
+
+submit-train: install ## submit train to RAY_ADDRESS (starts nothing): make submit-train FEATURES=... MODEL=...
+	RAY_AUTH_MODE=$(RAY_AUTH_MODE) $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . -- \
+		python -m jobs.train --features $(FEATURES) --output $(MODEL) $(EXTRA)

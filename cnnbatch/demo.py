@@ -14,6 +14,7 @@ from pathlib import Path
 from .cli import setup_logging
 from .extract import ExtractConfig, run_extract
 from .sample import write_sample
+from .train import TrainConfig, run_train
 
 log = logging.getLogger(__name__)
 DEMO_IMAGE_SIZE = 64  # small enough for a 2-core CPU; VGG16 accepts down to 32 px
@@ -38,12 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     if not summary.ok:
         print(f"demo: extraction failed: {summary.line()}", file=sys.stderr)
         return 1
+    model = root / "model"
+    # overwrite: a rerun of the demo retrains on the (resumed, unchanged) features rather than refusing
+    trained = run_train(TrainConfig(features=(str(features),), output=str(model), overwrite=True))
 
     print()
     print("== cnnbatch demo ==")
     print(f"features: {summary.line()}")
     print(f"  read them: python -c \"import pyarrow.dataset as ds; print(ds.dataset('{features}').to_table())\"")
     print(f"  or in DuckDB: SELECT key, label FROM read_parquet('{features}/*.parquet')")
+    print(f"model: {trained.line()}")
+    print(f"  metrics: {model / 'metrics.json'}, figures: {model / 'confusion_matrix.png'}, "
+          f"{model / 'training_curve.png'}")
     return 0
 
 

@@ -164,6 +164,7 @@ class HeadSpec:
     kind: str = "mlp"
     hidden_units: int = 1024
     dropout: float = 0.5
+    l2: float = 1e-3  # on the Dense kernels: keeps a wide head on few rows from overfitting (see bench/)
 
     def __post_init__(self) -> None:
         if self.kind not in HEADS:
@@ -183,12 +184,16 @@ def build_head(spec: HeadSpec, feature_dim: int, num_classes: int, mean: np.ndar
     inputs = keras.Input(shape=(feature_dim,), dtype="float32", name="embedding")
     x = keras.layers.Normalization(mean=np.asarray(mean, np.float32), variance=np.asarray(variance, np.float32),
                                    name="normalize")(inputs)
+    def regulariser() -> Any:
+        return keras.regularizers.L2(spec.l2) if spec.l2 > 0 else None
+
     if spec.kind == "mlp":
-        x = keras.layers.Dense(spec.hidden_units, activation="relu", name="hidden",
+        x = keras.layers.Dense(spec.hidden_units, activation="relu", name="hidden", kernel_regularizer=regulariser(),
                                kernel_initializer=keras.initializers.HeUniform(seed))(x)
         if spec.dropout > 0:
             x = keras.layers.Dropout(spec.dropout, seed=seed, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities",
+                                 kernel_regularizer=regulariser(),
                                  kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
     return keras.Model(inputs, outputs, name=f"cnnbatch_{spec.kind}_head")
 

@@ -225,16 +225,16 @@ def trained(learnable_features: Path, tmp_path_factory):
 def test_fit_in_memory_writes_a_complete_model(trained) -> None:
     output, summary = trained
     assert summary.failed == {} and not summary.streamed
-    assert (summary.rows_train, summary.rows_validation, summary.rows_unlabelled) == (144, 36, 5)
+    assert (summary.rows_train, summary.rows_validation, summary.rows_unlabelled) == (162, 18, 5)
     assert summary.validation_accuracy >= 0.95, summary.line()
     assert {p.name for p in output.iterdir()} == set(modelio.MODEL_FILES)
     metrics = json.loads((output / modelio.METRICS_FILE).read_text())
-    assert metrics["rows"] == {"total": 185, "train": 144, "validation": 36, "excluded_unlabelled": 5}
-    assert metrics["classes"] == {label: {"train": 48, "validation": 12} for label in CLASSES}
+    assert metrics["rows"] == {"total": 185, "train": 162, "validation": 18, "excluded_unlabelled": 5}
+    assert metrics["classes"] == {label: {"train": 54, "validation": 6} for label in CLASSES}
     assert set(metrics["validation"]["per_class"]) == set(CLASSES)
     assert {"precision", "recall", "support"} <= set(metrics["validation"]["per_class"]["cat"])
     assert metrics["validation"]["accuracy"] == summary.validation_accuracy
-    assert np.asarray(metrics["validation"]["confusion_matrix"]).sum() == 36
+    assert np.asarray(metrics["validation"]["confusion_matrix"]).sum() == 18
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(metrics["history"])
     assert metrics["fit"]["device"] == "CPU" and metrics["fit"]["hostname"]
     assert (output / modelio.LABELS_FILE).read_text() == "cat\ndog\nfox\n"
