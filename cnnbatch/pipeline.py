@@ -1,10 +1,9 @@
 """The driver: shards -> a pool of Ray actors -> the output dataset, exactly once per shard.
 
 Shared by every sharded job (extract, predict). The driver lists shards lazily, skips the ones already done for
-this configuration, and keeps a bounded window of shards queued on its actors (two per actor, so an actor starts
-its next shard while the driver records the last). Ray restarts a crashed actor and retries its queued calls
-(``max_restarts``/``max_task_retries``); an actor that is gone for good is replaced by a fresh one and its shards
-handed out again. Whole-shard failures are retried, then recorded. The deterministic, atomic per-shard writes make
+this configuration, and hands one shard to each free actor of a ``ray.util.ActorPool``, so the listing stays lazy.
+Ray restarts a crashed actor and retries its call (``max_restarts``/``max_task_retries``); an actor that is gone
+for good is dropped by the pool, replaced by a fresh one, and its shard handed out again. Whole-shard failures are retried, then recorded. The deterministic, atomic per-shard writes make
 every redo harmless: a shard's part file is replaced whole, never appended to.
 """
 
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 
 ACTOR_RESTARTS = 4  # a node or actor crash is redone by Ray this many times per actor
 SHARD_ATTEMPTS = 3  # whole-shard failures (not crashes) are retried this many times before being reported
-QUEUE_PER_ACTOR = 2  # shards queued on each actor: one running, one ready to start
 REST = "(rest)"  # the failure entry for shards never handed out because the run stopped early
 
 
@@ -164,6 +162,16 @@ class _Pool:
     def new_actor(self) -> Any:
         return self._cls.remote(*self._args)
 
+    def replace(self, actor_id: str) -> Any:
+        """Swap the actor with this id for a fresh one (killing the old one, should it merely be unreachable,
+        so that it stops holding its CPU/GPU)."""
+        import ray
+
+        index = next(i for i, a in enumerate(self.actors) if a._actor_id.hex() == actor_id)
+        ray.kill(self.actors[index])
+        self.actors[index] = self.new_actor()
+        return self.actors[index]
+
     def wait_ready(self) -> None:
         """Surface model-build failures (bad weights, no memory) before any shard is handed out."""
         import ray
@@ -242,83 +250,68 @@ def _finish(output: OutputDataset, fingerprint: str, config: dict[str, Any], sum
 
 def _run_pool(shards: Iterator[Shard], task: ShardTask, output: OutputDataset, fingerprint: str,
               options: PoolOptions, summary: JobSummary, done: dict[str, ShardStats], lock: OutputLock) -> None:
-    import ray
-    from ray.exceptions import RayActorError, RayError
+    """Hand shards to a ``ray.util.ActorPool``, one per free actor, until the listing and the retries run dry."""
+    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.util import ActorPool
 
     init_ray()
     pool = _Pool(task, output.uri, fingerprint, options)
     progress = Progress(what="images")
-    in_flight: dict[Any, tuple[Shard, int, Any]] = {}  # object ref -> (shard, actor slot, actor handle)
-    load = [0] * len(pool.actors)
+    running: dict[str, Shard] = {}  # actor id -> its shard (an ActorPool gives each actor one call at a time)
     attempts: collections.Counter[str] = collections.Counter()
     retry: collections.deque[Shard] = collections.deque()
     listing = iter(shards)
-    listing_done = False
     deaths_in_a_row = 0  # actors lost for good since the last finished shard
     max_deaths = 2 * len(pool.actors) + 2
 
-    def next_shard() -> Shard | None:
-        nonlocal listing_done
-        if retry:
-            return retry.popleft()
-        if not listing_done:
-            shard = next(listing, None)
-            listing_done = shard is None
-            return shard
-        return None
-
-    def submit(shard: Shard) -> None:
-        slot = min(range(len(load)), key=load.__getitem__)
-        actor = pool.actors[slot]
-        in_flight[actor.process.remote(shard)] = (shard, slot, actor)
-        load[slot] += 1
+    def run_on(actor: Any, shard: Shard) -> Any:
+        running[actor._actor_id.hex()] = shard
         attempts[shard.shard_id] += 1
+        return actor.process.remote(shard)
 
-    def collect_one() -> None:
-        nonlocal deaths_in_a_row
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        shard, slot, actor = in_flight.pop(ready[0])
-        load[slot] -= 1
-        try:
-            stats: ShardStats = ray.get(ready[0])
-        except RayActorError as exc:  # gone for good: restarts used up, or its node is lost
-            stats = ShardStats(shard.shard_id, shard.signature, fingerprint,
-                               failed=f"worker died: {storage.describe_error(exc)}")
-            if pool.actors[slot] is actor:  # the first of its queued shards to report it: replace it once
-                deaths_in_a_row += 1
-                if deaths_in_a_row <= max_deaths:
-                    log.warning("a worker died for good; starting a replacement (%s)", stats.failed)
-                    ray.kill(actor)  # if merely unreachable, it must not keep holding its CPU/GPU
-                    pool.actors[slot] = pool.new_actor()
-        except RayError as exc:
-            stats = ShardStats(shard.shard_id, shard.signature, fingerprint, failed=storage.describe_error(exc))
-        if stats.failed and attempts[shard.shard_id] < SHARD_ATTEMPTS:
-            log.warning("shard %s failed (attempt %d/%d), retrying: %s", shard.shard_id,
-                        attempts[shard.shard_id], SHARD_ATTEMPTS, stats.failed)
-            retry.append(shard)
-            return
-        if not stats.failed:
-            deaths_in_a_row = 0
-        _record(stats, summary, done, progress)
+    def feed(actor_pool: ActorPool) -> None:
+        # Only free actors get work, so the pool never buffers the listing: it stays lazy however long it is.
+        while actor_pool.has_free() and not lock.lost and deaths_in_a_row <= max_deaths:
+            shard = retry.popleft() if retry else next(listing, None)
+            if shard is None:
+                return
+            actor_pool.submit(run_on, shard)
 
     try:
         pool.wait_ready()
-        while not lock.lost and deaths_in_a_row <= max_deaths:
-            while len(in_flight) < QUEUE_PER_ACTOR * len(pool.actors):
-                shard = next_shard()
-                if shard is None:
-                    break
-                submit(shard)
-            if not in_flight:
-                return
-            collect_one()
-        # Stopping early: let what is running finish (its writes are whole and correct), hand out nothing more.
-        while in_flight:
-            collect_one()
-        reason = ("the output lock was taken over by another run" if lock.lost
-                  else f"{deaths_in_a_row} workers died in a row without finishing a shard")
-        log.error("stopping: %s", reason)
-        summary.failed[REST] = f"not handed out: {reason}"
+        actor_pool = ActorPool(pool.actors)
+        feed(actor_pool)
+        while actor_pool.has_next():
+            try:
+                stats: ShardStats = actor_pool.get_next_unordered()
+                actor_id = next(a for a, s in running.items() if s.shard_id == stats.shard_id)
+            except RayActorError as exc:  # Ray's restarts and call retries are used up for this actor
+                actor_id = exc.actor_id or ""
+                if actor_id not in running:
+                    raise  # an error that names no actor of ours: nothing safe to retry
+                failed = running[actor_id]
+                stats = ShardStats(failed.shard_id, failed.signature, fingerprint,
+                                   failed=f"worker died: {storage.describe_error(exc)}")
+                if isinstance(exc, ActorDiedError):  # the pool dropped it; keep the pool at full size
+                    deaths_in_a_row += 1
+                    log.warning("a worker died for good; starting a replacement (%s)", stats.failed)
+                    actor_pool.push(pool.replace(actor_id))
+            shard = running.pop(actor_id)
+            if stats.failed and attempts[shard.shard_id] < SHARD_ATTEMPTS:
+                log.warning("shard %s failed (attempt %d/%d), retrying: %s", shard.shard_id,
+                            attempts[shard.shard_id], SHARD_ATTEMPTS, stats.failed)
+                retry.append(shard)
+            else:
+                if not stats.failed:
+                    deaths_in_a_row = 0
+                _record(stats, summary, done, progress)
+            feed(actor_pool)
+        if lock.lost or deaths_in_a_row > max_deaths:
+            # Stopped early: what was running finished whole; nothing more was handed out.
+            reason = ("the output lock was taken over by another run" if lock.lost
+                      else f"{deaths_in_a_row} workers died in a row without finishing a shard")
+            log.error("stopping: %s", reason)
+            summary.failed[REST] = f"not handed out: {reason}"
     finally:
         progress.close()
         pool.kill()
