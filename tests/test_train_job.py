@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cnnbatch import modelio
@@ -154,34 +153,48 @@ def test_submitted_job_refusing_mixed_features_fails(ray_head: Head, tmp_path: P
     assert not (tmp_path / "model").exists()
 
 
-def test_fit_lands_on_the_node_with_a_gpu(tmp_path: Path, monkeypatch) -> None:
+# Run in a fresh interpreter: Ray caches its auth mode per process, so a cluster with its own token cannot share
+# the test process with the other modules' clusters.
+PLACEMENT_SCRIPT = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from cnnbatch.train import TrainConfig, run_train
+
+features, output, temp, port, agent_ports = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "num_gpus": 0, "gcs_server_port": port, "include_dashboard": False, "temp_dir": temp,
+    "dashboard_agent_listen_port": int(agent_ports[0])})
+try:
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=int(agent_ports[1]))
+    ray.init(address=cluster.address, logging_level="WARNING", configure_logging=False)
+    summary = run_train(TrainConfig(features=(features,), output=output, epochs=3, hidden_units=32))
+    print(json.dumps({"fit_node": summary.node_id, "gpu_node": gpu_node.node_id,
+                      "head_node": cluster.head_node.node_id, "resources": ray.cluster_resources()}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_fit_lands_on_the_node_with_a_gpu(tmp_path: Path) -> None:
     """A CPU-only head plus a node declaring one (fake) GPU: the fit asks for a GPU, so it runs on that node."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from cnnbatch.train import TrainConfig, run_train
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     x, labels = learnable(20, 8)
     features = write_features(tmp_path / "features", x, labels)
     temp = tempfile.mkdtemp(prefix="cnb-gpu-", dir="/tmp")
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "port": free_port(), "include_dashboard": False, "temp_dir": temp,
-        "dashboard_agent_listen_port": free_port()})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
     try:
-        gpu_node = cluster.add_node(num_cpus=1, num_gpus=1, dashboard_agent_listen_port=free_port())
-        ray.init(address=cluster.address, logging_level="WARNING", configure_logging=False)
-        summary = run_train(TrainConfig(features=(str(features),), output=str(tmp_path / "model"), epochs=3,
-                                        hidden_units=32))
-        assert summary.node_id == gpu_node.node_id != cluster.head_node.node_id
-        metrics = json.loads((tmp_path / "model" / modelio.METRICS_FILE).read_text())
-        assert metrics["fit"]["node_id"] == gpu_node.node_id
-        assert np.isclose(sum(metrics["classes"][c]["train"] for c in metrics["classes"]), summary.rows_train)
+        result = subprocess.run(
+            [sys.executable, "-c", PLACEMENT_SCRIPT, str(features), str(tmp_path / "model"), temp, str(free_port()),
+             str(free_port()), str(free_port())],
+            env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     finally:
-        ray.shutdown()
-        cluster.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    placed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert placed["resources"].get("GPU") == 1.0
+    assert placed["fit_node"] == placed["gpu_node"] != placed["head_node"]
+    metrics = json.loads((tmp_path / "model" / modelio.METRICS_FILE).read_text())
+    assert metrics["fit"]["node_id"] == placed["gpu_node"]
+    assert metrics["config"]["gpus"] is None  # chosen by the cluster, not by a flag
