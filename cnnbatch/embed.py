@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 
 from .backbones import Backbone, get_backbone
-from .weights import WeightsRef, keras_weights_arg
+from .storage import describe_error, redact
+from .weights import WeightsError, WeightsRef, keras_weights_arg
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+RESOLVED_PRECISIONS = PRECISIONS[1:]
 
 
 @dataclass(frozen=True)
@@ -31,25 +33,67 @@ class ModelSpec:
     weights: WeightsRef
     precision: str = "float32"  # already resolved: float32 | bfloat16 | float16
 
+    def __post_init__(self) -> None:
+        if self.precision not in RESOLVED_PRECISIONS:
+            raise ValueError(f"a model's precision must be resolved to one of {', '.join(RESOLVED_PRECISIONS)}, "
+                             f"got {self.precision!r}")
+
     @property
     def backbone_spec(self) -> Backbone:
         return get_backbone(self.backbone)
 
 
-def resolve_precision(requested: str) -> str:
-    """``auto``: bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX), float16 on GPUs with tensor cores."""
+def check_precision(requested: str) -> str:
     if requested not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
-    if requested != "auto":
+    return requested
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto`` for a model built in this process (the single-image path): see :func:`local_precision`."""
+    if check_precision(requested) != "auto":
         return requested
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        major = (details.get("compute_capability") or (0, 0))[0]
-        return "float16" if major >= 7 else "float32"
+    return local_precision(gpu=bool(tf.config.list_physical_devices("GPU")))
+
+
+def resolve_precision_for_workers(requested: str, gpus_per_worker: float, cpus_per_worker: float = 1.0) -> str:
+    """``auto`` for a sharded job: decided on a node where its actors run, which need not be like the driver's
+    (a CPU-only head node, workers of another CPU generation). A small Ray task with the actors' resources asks
+    that node; ``bfloat16`` on a CPU without native support would be emulated and several times slower."""
+    if check_precision(requested) != "auto":
+        return requested
+    import ray
+
+    from .pipeline import init_ray
+
+    init_ray()  # the job starts or joins its cluster next anyway
+    probe = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(local_precision)
+    precision = ray.get(probe.remote(gpus_per_worker > 0))
+    log.info("--precision auto: %s (as decided on a worker node)", precision)
+    return precision
+
+
+def local_precision(gpu: bool) -> str:
+    """What ``auto`` means on this machine: mixed float16 on GPUs with tensor cores (compute capability 7.0 and
+    up), bfloat16 on CPUs with native bf16 (AVX512-BF16 or AMX), float32 otherwise."""
+    if gpu:
+        return "float16" if gpu_compute_capability() >= (7, 0) else "float32"
     return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def gpu_compute_capability() -> tuple[int, int]:
+    """The first visible GPU's compute capability from ``nvidia-smi`` (no CUDA context), (0, 0) if unknown."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        major, minor = out.splitlines()[0].strip().split(".")
+        return int(major), int(minor)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return (0, 0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -58,7 +102,17 @@ def cpu_has_native_bf16() -> bool:
             flags = next((line for line in handle if line.startswith("flags")), "")
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+
+
+# XLA (jit_compile) per device type, only where it measured faster (docs/benchmarks.md): on this project's CPU
+# it made VGG16 several times slower at every precision. TensorFlow with CUDA could not be measured on the lent
+# GPU, so GPUs keep cuDNN's kernels too until a measurement says otherwise.
+XLA_BY_DEVICE = {"CPU": False, "GPU": False}
+
+
+def jit_compile_for(device_type: str) -> bool:
+    return XLA_BY_DEVICE.get(device_type, False)
 
 
 def _policy_name(precision: str) -> str:
@@ -76,6 +130,12 @@ def build_model(spec: ModelSpec) -> Any:
     keras.mixed_precision.set_global_policy(_policy_name(spec.precision))
     try:
         return backbone.build(spec.image_size, weights=keras_weights_arg(spec.weights))
+    except WeightsError:
+        raise
+    except (OSError, ValueError) as exc:  # not an HDF5 file, or weights of another architecture
+        source = spec.weights.uri or spec.weights.kind
+        raise WeightsError(f"cannot load weights {redact(source)} into {backbone.name} at {spec.image_size} px: "
+                           f"{describe_error(exc)}") from None
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
@@ -88,12 +148,23 @@ def variables_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
+def share_gpus(tf: Any) -> None:
+    """Allocate GPU memory as needed instead of all of it up front, so that several actors can share a GPU
+    (``--gpus-per-worker 0.25``): one GPU's worth of decoding needs several processes' CPUs (docs/benchmarks.md)."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # this process already initialised the GPU: its setting stands
+            pass
+
+
 class Embedder:
     """Backbone features for a batch of uint8 images: ``{"image": (N, S, S, 3) uint8, ...} -> {..., "embedding"}``."""
 
     def __init__(self, spec: ModelSpec):
         import tensorflow as tf
 
+        share_gpus(tf)
         self.spec = spec
         self.backbone = spec.backbone_spec
         self.image_size = self.backbone.check_size(spec.image_size)
@@ -102,9 +173,11 @@ class Embedder:
         preprocess = self.backbone.preprocess_fn()
         model = self.model
 
+        self.device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+
         @tf.function(
             input_signature=[tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.uint8)],
-            jit_compile=False,  # measured: XLA makes VGG16 slower on CPU (see docs/benchmarks.md)
+            jit_compile=jit_compile_for(self.device_type),
         )
         def embed(images: tf.Tensor) -> tf.Tensor:
             pixels = preprocess(tf.cast(images, tf.float32))

@@ -14,7 +14,7 @@ from . import __version__, storage
 from .backbones import BACKBONES, get_backbone
 from .config import log_config, option, require, to_dict
 from .decode import DRAFT_OVERSAMPLE
-from .embed import PRECISIONS, Embedder, ModelSpec, cpu_has_native_bf16
+from .embed import PRECISIONS, Embedder, ModelSpec, resolve_precision_for_workers
 from .output import OutputDataset, embeddings_table, feature_schema
 from .pipeline import JobSummary, PoolOptions, fingerprint_of, run_sharded_job
 from .weights import DEFAULT_RANDOM_SEED, WeightsRef, resolve_weights
@@ -147,9 +147,5 @@ def run_extract(config: ExtractConfig) -> JobSummary:
 
 
 def resolve_requested_precision(requested: str, gpus_per_worker: float) -> str:
-    """Resolve ``auto`` for where the actors run (GPU actors: float16; CPU actors: by the CPU's bf16 support)."""
-    if requested != "auto":
-        return requested
-    if gpus_per_worker > 0:
-        return "float16"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    """Resolve ``auto`` on a node where the actors run (see embed.resolve_precision_for_workers)."""
+    return resolve_precision_for_workers(requested, gpus_per_worker)

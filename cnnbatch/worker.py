@@ -2,7 +2,9 @@
 
 Shared by extraction and prediction: a :class:`ShardTask` says how to build the model (once per actor) and how
 to turn its outputs into the shard's table. Decoding runs in a thread pool ahead of the model, with a bounded
-number of images in flight, so the model does not wait on JPEG decoding and memory stays bounded.
+number of images in flight, so the model does not wait on JPEG decoding and memory stays bounded. With
+``batches_in_flight`` > 1 the model runs in its own thread while the next batches are stacked, so an accelerator
+is handed its next batch as soon as it finishes one (docs/benchmarks.md has the measurements).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from .output import OutputDataset, ShardStats
 from .shards import Record, Shard, iter_records
 
 log = logging.getLogger(__name__)
+# Batches handed to the model thread before the oldest result is collected: 1 runs the model inline between
+# batches; 2 lets the next batch be stacked (and an accelerator fed) while one runs. Chosen by measurement.
+DEFAULT_BATCHES_IN_FLIGHT = 2
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -69,8 +74,10 @@ class _Loaded:
 
 
 def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDataset, fingerprint: str,
-                  decode_threads: int = 2) -> ShardStats:
+                  decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT) -> ShardStats:
     """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
+    if batches_in_flight < 1:
+        raise ValueError(f"batches_in_flight must be at least 1, got {batches_in_flight}")
     started = time.perf_counter()
     size = task.image_size
 
@@ -94,22 +101,34 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     labels: list[str | None] = []
     chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     errors: list[tuple[str, str]] = []
-    timing = collections.Counter()
+    timing: collections.Counter[str] = collections.Counter()
     batch: list[_Loaded] = []
+    pending: collections.deque[tuple[Future[dict[str, Any]], list[_Loaded]]] = collections.deque()
 
-    def run_batch() -> None:
+    def infer(images: np.ndarray) -> dict[str, Any]:
         t0 = time.perf_counter()
-        result = model({"image": np.stack([item.pixels for item in batch])})
-        timing["infer"] += time.perf_counter() - t0
-        for name, value in result.items():
+        result = model({"image": images})
+        timing["infer"] += time.perf_counter() - t0  # one model thread: no concurrent updates
+        return result
+
+    def collect(future: Future[dict[str, Any]], items: list[_Loaded]) -> None:
+        for name, value in future.result().items():
             chunks[name].append(np.asarray(value))
-        keys.extend(item.key for item in batch)
-        labels.extend(item.label for item in batch)
+        keys.extend(item.key for item in items)
+        labels.extend(item.label for item in items)
+
+    def submit_batch(model_pool: ThreadPoolExecutor) -> None:
+        images = np.stack([item.pixels for item in batch])
+        pending.append((model_pool.submit(infer, images), list(batch)))
         batch.clear()
+        while len(pending) >= batches_in_flight:
+            collect(*pending.popleft())
 
     read_start = time.perf_counter()
-    with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") as pool:
-        for item in bounded_map(pool, load, iter_records(shard), in_flight=2 * task.batch_size + decode_threads):
+    in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
+    with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="model") as model_pool:
+        for item in bounded_map(pool, load, iter_records(shard), in_flight=in_flight):
             timing["read"] += item.read_s
             timing["decode"] += item.decode_s
             if item.error is not None:
@@ -117,9 +136,11 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
                 continue
             batch.append(item)
             if len(batch) == task.batch_size:
-                run_batch()
+                submit_batch(model_pool)
         if batch:
-            run_batch()
+            submit_batch(model_pool)
+        while pending:
+            collect(*pending.popleft())
     # Wall time the model waited on input: everything in the loop that was not inference.
     timing["wait_input"] = max(0.0, time.perf_counter() - read_start - timing["infer"])
 
