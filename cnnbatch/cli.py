@@ -72,11 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .output import OutputError
+    from .pipeline import WorkerStartError
     from .shards import InputError
     from .storage import StorageError
     from .weights import WeightsError
 
-    return (StorageError, OutputError, InputError, WeightsError)
+    return (StorageError, OutputError, InputError, WeightsError, WorkerStartError)
 
 
 def run_job(job: Job, namespace: argparse.Namespace) -> Any:

@@ -32,6 +32,20 @@ SHARD_ATTEMPTS = 3  # whole-shard failures (not crashes) are retried this many t
 REST = "(rest)"  # the failure entry for shards never handed out because the run stopped early
 
 
+class WorkerStartError(RuntimeError):
+    """The actors could not build their model; the message is the root cause, on one line."""
+
+
+def root_cause(error_text: str) -> str:
+    """The last ``SomeError: message`` line of a remote traceback (Ray wraps the actor's own exception)."""
+    lines = [line.strip() for line in error_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        name, sep, message = line.partition(": ")
+        if sep and name.replace(".", "").replace("_", "").isalnum() and name.split(".")[-1][:1].isupper():
+            return storage.redact(f"{name.split('.')[-1]}: {message}")
+    return storage.redact(lines[-1] if lines else "unknown error")
+
+
 def fingerprint_of(parts: dict[str, Any]) -> str:
     """A short stable hash of what makes two runs' outputs interchangeable."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -173,10 +187,14 @@ class _Pool:
         return self.actors[index]
 
     def wait_ready(self) -> None:
-        """Surface model-build failures (bad weights, no memory) before any shard is handed out."""
+        """Surface model-build failures (bad weights, no memory) before any shard is handed out, as one line."""
         import ray
+        from ray.exceptions import RayActorError
 
-        ray.get([actor.pid.remote() for actor in self.actors])
+        try:
+            ray.get([actor.pid.remote() for actor in self.actors])
+        except RayActorError as exc:
+            raise WorkerStartError(f"workers could not start: {root_cause(str(exc))}") from None
 
     def kill(self) -> None:
         import ray

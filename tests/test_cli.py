@@ -70,3 +70,14 @@ def test_jobs_entrypoint_takes_the_same_flags() -> None:
     assert job.returncode == cli.returncode == 0
     flags = lambda text: sorted(word for word in text.split() if word.startswith("--"))  # noqa: E731
     assert flags(job.stdout) == flags(cli.stdout) and "--gpus-per-worker" in flags(job.stdout)
+
+
+def test_weights_file_that_is_not_hdf5_fails_in_one_line(tmp_path: Path, sample_root: Path) -> None:
+    bad = tmp_path / "vgg16.weights.h5"
+    bad.write_bytes(b"this is not HDF5")
+    result = run_cli("extract", "--input", str(sample_root / "train"), "--output", str(tmp_path / "o"),
+                     "--weights", str(bad), "--image-size", "32", "--gpus-per-worker", "0")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cnnbatch extract: error: workers could not start: WeightsError: cannot load weights")
+    assert "into vgg16 at 32 px" in last
