@@ -205,11 +205,18 @@ class _Pool:
 
 def pending_shards(shards: Iterable[Shard], output: OutputDataset, fingerprint: str, summary: JobSummary,
                    done: dict[str, ShardStats], seen: dict[str, str]) -> Iterator[Shard]:
-    """Shards that still need work; records every shard's kind in ``seen`` and the finished ones in ``done``."""
-    for shard in shards:
+    """Shards that still need work; records every shard's kind in ``seen`` and the finished ones in ``done``.
+    The time spent listing (and checking what is done) is the job's ``list`` stage."""
+    listing = iter(shards)
+    while True:
+        started = time.perf_counter()
+        shard = next(listing, None)
+        stats = None if shard is None else output.done_stats(shard.shard_id, shard.signature, fingerprint)
+        summary.stage_seconds["list"] = summary.stage_seconds.get("list", 0.0) + time.perf_counter() - started
+        if shard is None:
+            return
         summary.shards_total += 1
         seen[shard.shard_id] = shard.kind
-        stats = output.done_stats(shard.shard_id, shard.signature, fingerprint)
         if stats is not None:
             summary.shards_skipped += 1
             done[shard.shard_id] = stats
