@@ -22,6 +22,8 @@ FEATURES ?= $(DATA)/features
 # The local Ray head of `make ray-head`, and where `make submit-train` sends jobs (its dashboard's URL)
 RAY_PORT ?= 6379
 RAY_DASHBOARD_PORT ?= 8265
+RAY_AGENT_PORT ?= 52365
+RAY_CLIENT_PORT ?= 10001
 RAY_ADDRESS ?= http://127.0.0.1:$(RAY_DASHBOARD_PORT)
 RAY_AUTH_MODE ?= token
 TOP_K ?= 1
@@ -65,10 +67,11 @@ train: install ## train a classifier head: make train FEATURES=data/features MOD
 
 # A submitted entrypoint runs with the head's environment: the head starts with .venv/bin first on PATH so that
 # `python -m jobs.train` has the project. Token auth: the token is ~/.ray/auth_token (created here if missing).
-ray-head: install ## start a local Ray head with token auth and the project's Python (RAY_PORT, RAY_DASHBOARD_PORT)
+ray-head: install ## start a local Ray head with token auth and the project's Python (RAY_PORT, RAY_*_PORT)
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token $(VENV)/bin/ray get-auth-token --generate >/dev/null
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_AUTH_MODE=token $(VENV)/bin/ray start --head --port $(RAY_PORT) \
-		--dashboard-host 127.0.0.1 --dashboard-port $(RAY_DASHBOARD_PORT) --disable-usage-stats
+		--dashboard-host 127.0.0.1 --dashboard-port $(RAY_DASHBOARD_PORT) --dashboard-agent-listen-port $(RAY_AGENT_PORT) \
+		--ray-client-server-port $(RAY_CLIENT_PORT) --disable-usage-stats
 
 ray-stop: install ## stop Ray on this machine (ray stop: every Ray process of this user here)
 	$(VENV)/bin/ray stop
