@@ -149,12 +149,12 @@ def synthetic_sets(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
-def sample_features(root: Path) -> Path:
+def sample_features(root: Path, per_class: int) -> Path:
     """The demo's pipeline on its generated sample: random VGG16 at 64 px (offline, near chance by design)."""
     from cnnbatch.extract import ExtractConfig, run_extract
     from cnnbatch.sample import write_sample
 
-    sample = write_sample(root / "sample", per_class=200, size=96)
+    sample = write_sample(root / "sample", per_class=per_class, size=96)
     output = root / "sample-features"
     summary = run_extract(ExtractConfig(input=str(sample / "train"), output=str(output), weights="random",
                                         image_size=64, shard_size=200, workers=1, precision="float32"))
@@ -209,6 +209,12 @@ def compare(name: str, x: np.ndarray, labels: list[str | None], keys: list[str],
     started = time.perf_counter()
     row["logreg"] = logistic_regression_accuracy(x[pool], classes[pool], x[test], classes[test], len(names))
     row["logreg_seconds"] = round(time.perf_counter() - started, 1)
+    # The same regression on exactly the rows the head trains on (the head holds out its validation split).
+    defaults = TrainConfig(features=("-",), output="-")
+    pool_keys = [k for k, m in zip(keys, pool) if m]
+    inner = stratified_split(classes[pool], key_hashes(pool_keys, defaults.seed), defaults.validation_split) == TRAIN
+    row["logreg_head_rows"] = logistic_regression_accuracy(x[pool][inner], classes[pool][inner], x[test],
+                                                           classes[test], len(names))
     for head in heads:
         output = work / slug / f"model-{head}"
         started = time.perf_counter()
@@ -229,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic feature sets")
     parser.add_argument("--no-sample", action="store_true", help="skip extracting the demo sample")
     parser.add_argument("--heads", nargs="+", default=["mlp", "linear"], choices=["mlp", "linear"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the synthetic sets")
+    parser.add_argument("--sample-per-class", type=int, default=300, help="demo sample images per class")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "head_vs_logreg.json"))
     args = parser.parse_args(argv)
     from cnnbatch.cli import setup_logging
@@ -242,14 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cnnbatch-bench-") as tmp:
         work = Path(tmp)
         sets: list[tuple[str, Callable[[], tuple]]] = []
-        if not args.no_synthetic:
-            for name, (x, y) in synthetic_sets(args.seed).items():
+        for seed in [] if args.no_synthetic else args.seeds:
+            for name, (x, y) in synthetic_sets(seed).items():
                 keys = [f"{name}/{i:06d}" for i in range(len(y))]
-                sets.append((name, lambda x=x, y=y, keys=keys: (
+                sets.append((f"{name} seed {seed}", lambda x=x, y=y, keys=keys: (
                     x.astype(np.float32), [f"class{c:02d}" for c in y], keys, synthetic_metadata(x.shape[1]))))
         uris = list(args.features)
         if not args.no_sample:
-            uris.append(str(sample_features(work)))
+            uris.append(str(sample_features(work, args.sample_per_class)))
         for uri in uris:
             sets.append((uri if uri in args.features else "demo sample, random VGG16 64px",
                          lambda uri=uri: read_features(uri)))
@@ -260,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(rows, indent=1))
-    print(f"\n{'feature set':34} {'rows':>6} {'cls':>4} {'dim':>5} {'logreg':>7} " +
-          " ".join(f"{h:>7}" for h in args.heads))
+    print(f"\n| feature set | rows | classes | dim | test rows | logreg | logreg, head's rows | " +
+          " | ".join(f"{h} head" for h in args.heads) + " |")
+    print("| --- " * (6 + len(args.heads)) + "|")
     for row in rows:
-        print(f"{row['set'][:34]:34} {row['rows']:6d} {row['classes']:4d} {row['dim']:5d} {row['logreg']:7.4f} " +
-              " ".join(f"{row[h]:7.4f}" for h in args.heads))
+        print(f"| {row['set']} | {row['rows']} | {row['classes']} | {row['dim']} | {row['test_rows']} | "
+              f"{row['logreg']:.4f} | {row['logreg_head_rows']:.4f} | " +
+              " | ".join(f"{row[h]:.4f} ({row[h + '_epochs']})" for h in args.heads) + " |")
     return 0
 
 
