@@ -369,7 +369,7 @@ class FeatureReader:
             raise FeatureError(f"{feature_file.path} changed during training: row group {unit.group} has "
                                f"{table.num_rows} rows, expected {unit.rows}")
         features = embeddings_of(table.column("embedding").combine_chunks(), self.dim)
-        x = features[wanted] if not wanted.all() else np.array(features, copy=True)
+        x = features if wanted.all() else features[wanted]  # a read-only view of Arrow's buffer, or a copy
         if not np.isfinite(x).all():
             raise FeatureError(f"{feature_file.path} holds non-finite feature values (NaN or inf): re-extract it "
                                "(e.g. with --precision float32)")
