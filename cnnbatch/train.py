@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import os
 import socket
 import time
 from collections import deque
@@ -86,7 +85,8 @@ class TrainConfig:
             object.__setattr__(self, "features", (self.features,))
         require(len(self.features) >= 1, "--features needs at least one feature dataset")
         require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
-        require(0 < self.validation_split < 1, f"--validation-split must be between 0 and 1, got {self.validation_split}")
+        require(0 < self.validation_split < 1,
+                f"--validation-split must be between 0 and 1, got {self.validation_split}")
         require(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.patience >= 0, f"--patience must be 0 or more, got {self.patience}")

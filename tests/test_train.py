@@ -15,7 +15,7 @@ import pytest
 
 from cnnbatch import modelio
 from cnnbatch.cli import main
-from cnnbatch.head import (EXCLUDED, TRAIN, VALIDATION, HeadSpec, LabelCodes, RunningMoments, build_head,
+from cnnbatch.head import (EXCLUDED, VALIDATION, HeadSpec, LabelCodes, RunningMoments, build_head,
                            class_weights, encode_labels, key_hashes, stratified_split, validation_quota)
 from cnnbatch.modelio import ModelError, ModelInfo, load_model_folder, write_model_folder
 from cnnbatch.output import SUCCESS_FILE, embeddings_table, feature_schema, table_to_parquet_bytes
@@ -276,6 +276,24 @@ def test_streamed_fit_sees_the_same_split(trained, learnable_features: Path, tmp
     assert summary.validation_accuracy >= 0.95, summary.line()
     info, _ = load_model_folder(str(tmp_path / "streamed"))
     assert info.head == "linear"
+
+
+def test_streams_features_from_an_object_store_into_a_model_there() -> None:
+    """memory:// stands in for a bucket: listing, footers, row groups and the model folder all go through fsspec."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    x, labels = learnable(30, 8, seed=3)
+    schema = feature_schema(8, feature_metadata(8))
+    for part, rows in enumerate(np.array_split(np.arange(len(labels)), 3)):
+        table = embeddings_table([f"k{i}" for i in rows], [labels[i] for i in rows], x[rows], schema)
+        fs.pipe_file(f"/bucket/features/part-{part:06d}.parquet", table_to_parquet_bytes(table))
+    fs.pipe_file(f"/bucket/features/{SUCCESS_FILE}", b"{}")
+    summary = execute_plan(plan_training(quick(["memory://bucket/features"], "memory://bucket/model", cache_mb=0,
+                                               epochs=5, head="linear", learning_rate=0.05)))
+    assert summary.streamed and summary.rows_train + summary.rows_validation == 90
+    info, _ = load_model_folder("memory://bucket/model")
+    assert info.labels == CLASSES and fs.exists("/bucket/model/confusion_matrix.png")
 
 
 def test_output_holding_a_model_needs_overwrite(trained, learnable_features: Path) -> None:
