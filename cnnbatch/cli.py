@@ -71,13 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from .modelio import ModelError
     from .output import OutputError
     from .pipeline import WorkerStartError
     from .shards import InputError
     from .storage import StorageError
     from .weights import WeightsError
 
-    return (StorageError, OutputError, InputError, WeightsError, WorkerStartError)
+    return (StorageError, OutputError, InputError, WeightsError, WorkerStartError, ModelError)
 
 
 def run_job(job: Job, namespace: argparse.Namespace) -> Any:

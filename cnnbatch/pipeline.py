@@ -98,7 +98,9 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
+    # "local" rather than None: without RAY_ADDRESS, start a private cluster instead of joining whatever
+    # `ray start` cluster happens to run on this machine (ray job submit sets RAY_ADDRESS for its drivers).
+    address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
 
 

@@ -1,7 +1,8 @@
 """A small, deterministic, labelled image set for the demo and the tests, generated offline.
 
-Three texture classes (stripes, checks, dots) drawn with random colours, phases, scales and noise, so that the
-classes are learnable from CNN features (even a seeded random backbone's) yet no two images are alike.
+Three texture classes (stripes, checks, dots), each leaning to its own colour family, drawn with random phases,
+scales, backgrounds and noise, so that the classes are learnable from CNN features (even a seeded random
+backbone's) yet no two images are alike.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 CLASSES = ("checks", "dots", "stripes")
+CLASS_COLOURS = {"checks": (220, 70, 40), "dots": (60, 190, 70), "stripes": (50, 90, 220)}
 
 
 def texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -33,7 +35,10 @@ def texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         mask = cu**2 + cv**2 < (period * rng.uniform(0.2, 0.35)) ** 2
     else:
         raise ValueError(f"unknown class {kind!r}: expected one of {', '.join(CLASSES)}")
-    foreground, background = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    # Each class leans to its own colour family, as real classes do (sky, grass, fur), with wide jitter; it gives
+    # even a seeded random backbone's pooled features something learnable.
+    foreground = np.clip(np.asarray(CLASS_COLOURS[kind], np.float64) + rng.normal(0, 25, 3), 0, 255)
+    background = np.full(3, rng.uniform(0, 255))  # a neutral grey: the colour family is the foreground's
     image = np.where(mask[..., None], foreground, background)
     image += rng.normal(0, 12, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
