@@ -76,6 +76,10 @@ ray-head: install ## start a local Ray head with token auth and the project's Py
 ray-stop: install ## stop Ray on this machine (ray stop: every Ray process of this user here)
 	$(VENV)/bin/ray stop
 
+.PHONY: bench
+bench: install ## measure the performance figures side by side (~10 min on 2 cores) into docs/benchmarks.md
+	$(PY) -m bench.run
+
 submit-train: install ## submit train to RAY_ADDRESS (starts nothing): make submit-train FEATURES=... MODEL=...
 	RAY_AUTH_MODE=$(RAY_AUTH_MODE) $(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . -- \
 		python -m jobs.train --features $(FEATURES) --output $(MODEL) $(EXTRA)

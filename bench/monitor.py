@@ -113,12 +113,13 @@ class TreeSampler(threading.Thread):
 
 
 def measured_env() -> dict[str, str]:
-    """Every measured process at the same priority: Ray's workers default to nice 15, a user's script to 0."""
-    return {**os.environ, "RAY_worker_niceness": "0", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1",
-            "CNNBATCH_LOG_LEVEL": "WARNING"}
+    """Every measured process at the same priority (Ray's workers default to nice 15, a user's script to 0), and
+    each job on a Ray cluster of its own: ``local`` never attaches to a cluster some other program started."""
+    return {**os.environ, "RAY_worker_niceness": "0", "RAY_ADDRESS": "local", "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONUNBUFFERED": "1", "CNNBATCH_LOG_LEVEL": "WARNING"}
 
 
-def run_measured(argv: list[str], timeout: float = 900, interval: float = 0.2) -> RunResult:
+def run_measured(argv: list[str], timeout: float = 400, interval: float = 0.2) -> RunResult:
     """Run ``argv`` (from the repo root), sample its tree, and parse the last stdout line as JSON."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, env=measured_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

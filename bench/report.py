@@ -1,0 +1,306 @@
+"""docs/benchmarks.md and its chart, from the CPU results of ``make bench`` and the recorded GPU results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Dense tensor-core peaks of the H100 SXM5 (NVIDIA's datasheet, without sparsity), TFLOP/s.
+H100_PEAK_TFLOPS = {"float16": 989.4, "tf32": 494.7, "float32": 66.9}
+GFLOPS_PER_IMAGE = {("vgg16", 224): 30.7, ("inceptionv3", 299): 11.4}  # cnnbatch plan computes the same figures
+
+
+def goals(r: dict[str, Any]) -> list[tuple[str, str, str, float, str, bool]]:
+    """(id, what, goal text, measured, measured text, met) for every goal."""
+    p4, p6 = r["p4"], r["p6"]
+    p3 = max(r["p3"], key=lambda row: row["image_size"])
+    rows = [
+        ("P1", "pipeline efficiency: steady-state extraction / bare compiled backbone (bfloat16)", ">= 0.95",
+         r["p1"]["ratio"], f"{r['p1']['ratio']:.3f}", r["p1"]["ratio"] >= 0.95),
+        ("P2", "vs the plain Keras script, cnnbatch at bfloat16", ">= 1.8x", r["p2"]["bf16_ratio"],
+         f"{r['p2']['bf16_ratio']:.2f}x", r["p2"]["bf16_ratio"] >= 1.8),
+        ("P2", "vs the plain Keras script, both at float32", ">= 1.1x", r["p2"]["fp32_ratio"],
+         f"{r['p2']['fp32_ratio']:.2f}x", r["p2"]["fp32_ratio"] >= 1.1),
+        ("P3", f"draft() decode vs full decode + resize, {p3['megapixels']} MP -> {p3['image_size']} px", ">= 1.8x",
+         p3["ratio"], f"{p3['ratio']:.2f}x", p3["ratio"] >= 1.8),
+        ("P4", f"peak RSS at {p4['big_n']} / at {p4['n']} images, driver", "<= 1.1x", p4["driver"]["ratio"],
+         f"{p4['driver']['ratio']:.3f}x", p4["driver"]["ratio"] <= 1.1),
+        ("P4", f"peak RSS at {p4['big_n']} / at {p4['n']} images, worker", "<= 1.1x", p4["worker"]["ratio"],
+         f"{p4['worker']['ratio']:.3f}x", p4["worker"]["ratio"] <= 1.1),
+        ("P6", "Parquet writing / job wall time", "<= 5%", p6["write_fraction"], f"{100 * p6['write_fraction']:.2f}%",
+         p6["write_fraction"] <= 0.05),
+        ("P6", "bytes per vector / raw float32, bfloat16 features", "<= 75%", p6["bf16_ratio"],
+         f"{100 * p6['bf16_ratio']:.0f}%", p6["bf16_ratio"] <= 0.75),
+        ("P6", "bytes per vector / raw float32, float32 features", "<= 75%", p6["fp32_ratio"],
+         f"{100 * p6['fp32_ratio']:.0f}%", p6["fp32_ratio"] <= 0.75),
+    ]
+    return rows
+
+
+def summary(r: dict[str, Any]) -> str:
+    lines = [f"make bench: {r['bench_seconds'] / 60:.1f} minutes; other processes used {r['foreign_cpu']['mean']:.2f} "
+             f"CPU cores on average meanwhile"]
+    for ident, what, goal, _, text, met in goals(r):
+        lines.append(f"  {ident} {what:<78} {text:>8}  goal {goal:<7} {'met' if met else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def write(cpu: dict[str, Any], gpu: dict[str, Any] | None, doc: Path, chart: Path) -> None:
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    write_chart(cpu, gpu, chart)
+    doc.write_text(markdown(cpu, gpu, chart.name))
+
+
+def markdown(r: dict[str, Any], gpu: dict[str, Any] | None, chart_name: str) -> str:
+    c, m, s = r["config"], r["machine"], r["steady"]
+    out = ["# Benchmarks", "",
+           "Written by `make bench` (bench/run.py) on the machine below; every figure is a ratio of two measurements "
+           "taken side by side in the same run. All runs use `--weights random` (seeded, offline): the arithmetic "
+           "per image is the same as with ImageNet weights, but the feature values, and so how well they compress, "
+           "differ (P6). The GPU section comes from a recorded run on a lent NVIDIA H100 (bench/gpu.py).", "",
+           "## Summary", "",
+           "| | figure | goal | measured | |", "|---|---|---|---|---|"]
+    for ident, what, goal, _, text, met in goals(r):
+        out.append(f"| {ident} | {what} | {goal} | **{text}** | {'met' if met else 'not met'} |")
+    out += ["", f"![ratios against their goals]({chart_name})", "",
+            f"Settings: VGG16 without top + global average pooling, {c['image_size']}x{c['image_size']} px, batch "
+            f"{c['batch_size']}, one actor, shards of {c['shard_size']} images; inputs are generated photo-like "
+            "500x375 JPEGs (quality 90, ~70 KB: ImageNet's typical size), and 2048x1536 (3.1 MP) ones for P3. "
+            f"Repeats interleaved, best of {c['repeats']} kept. The bench took {r['bench_seconds'] / 60:.1f} minutes.",
+            "", "## Machine", "",
+            f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB; bf16 instructions: "
+            f"{', '.join(m['bf16']) or 'none'} (`--precision auto` resolved to **{r['auto_precision']}** here)",
+            f"- {m['os']}; " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
+            f"- Shared machine: other processes used {r['foreign_cpu']['mean']:.2f} CPU cores on average during the "
+            f"measured runs (at most {r['foreign_cpu']['max']:.2f}); load average "
+            f"{m['load_average_at_start'][0]:.1f} at the start, {m['load_average_at_end'][0]:.1f} at the end. "
+            "Every measured process ran at the same priority (Ray workers otherwise run at nice 15).", ""]
+    out += throughput_section(r) + memory_section(r) + output_section(r) + fast_path_section(r, gpu)
+    out += gpu_section(gpu) if gpu else ["## GPU", "", "No GPU results recorded (bench/gpu_results.json).", ""]
+    out += reproduce_section()
+    return "\n".join(out) + "\n"
+
+
+def throughput_section(r: dict[str, Any]) -> list[str]:
+    s, b, n = r["steady"], r["bare"], r["config"]["n"]
+    big, p2 = n * r["config"]["memory_scale"], n * r["config"]["p2_scale"]
+    rows = [
+        ("bare compiled backbone, bfloat16", b["vgg16_bf16"], None),
+        ("bare compiled backbone, float32", b["vgg16_fp32"], None),
+        (f"cnnbatch extract, bfloat16 ({n} vs {big} images)", s["cnnbatch_bf16"]["images_per_second"],
+         s["cnnbatch_bf16"]["startup_seconds"]),
+        (f"cnnbatch extract, float32 ({n} vs {p2} images)", s["cnnbatch_fp32"]["images_per_second"],
+         s["cnnbatch_fp32"]["startup_seconds"]),
+        (f"plain Keras script, float32 ({n} vs {p2} images)", s["keras_fp32"]["images_per_second"],
+         s["keras_fp32"]["startup_seconds"]),
+    ]
+    out = ["## Throughput (P1, P2)", "",
+           "Steady state is the difference of two runs of the same command on N and k·N images (each a fresh "
+           "process: Python, TensorFlow, Ray and the model start-up cancel out); the start-up column is what the "
+           "smaller run spent beyond its images at that rate.", "",
+           "| what | images/s | start-up s |", "|---|---:|---:|"]
+    for what, rate, startup in rows:
+        out.append(f"| {what} | {_fmt(rate)} | {'' if startup is None else _fmt(startup)} |")
+    p1 = r["p1"]
+    out += ["",
+            f"- P1 = {_fmt(s['cnnbatch_bf16']['images_per_second'])} / {_fmt(b['vgg16_bf16'])} = "
+            f"**{p1['ratio']:.3f}**. Inside the actor, from the per-shard stats of the {big}-image run (first shard "
+            f"left out): {_fmt(p1['in_job_images_per_second'])} images/s = {p1['in_job_ratio']:.3f} of bare. At "
+            f"float32: {p1['fp32_ratio']:.3f}.",
+            f"- What the pipeline costs on 2 cores is mostly JPEG decoding, which the bare model does not do: one "
+            f"thread decodes {_fmt(r['decode_one_thread']['images_per_second'])} of these images/s to "
+            f"{r['decode_one_thread']['image_size']} px, i.e. "
+            f"{1000 / r['decode_one_thread']['images_per_second']:.1f} ms of a core per image, against "
+            f"{2000 / b['vgg16_bf16']:.1f} core-ms of model at bfloat16.",
+            f"- P2: the plain script is `keras.utils.image_dataset_from_directory` + `model.predict` "
+            f"(bench/keras_script.py) at its default float32; cnnbatch's lead at float32 is "
+            f"{r['p2']['fp32_ratio']:.2f}x, and bfloat16 (`--precision auto` on this CPU) makes it "
+            f"{r['p2']['bf16_ratio']:.2f}x.", ""]
+    stages = r["stages"]
+    out += [f"Per-stage seconds of the {big}-image bfloat16 job (the job's summary line prints the same; worker "
+            "stages are summed over shards, `list` is the driver's):", "",
+            "| " + " | ".join(sorted(stages)) + " | job wall |", "|" + "---:|" * (len(stages) + 1),
+            "| " + " | ".join(f"{stages[k]:.2f}" for k in sorted(stages)) + f" | {r['job_seconds']:.2f} |", ""]
+    return out
+
+
+def memory_section(r: dict[str, Any]) -> list[str]:
+    p4 = r["p4"]
+    out = ["## Memory (P4)", "",
+           f"Peak RSS sampled every 0.2 s over the job's process tree, at {p4['n']} and {p4['big_n']} images "
+           f"(shards of {r['config']['shard_size']}): the driver lists lazily and keeps a bounded window of shards; "
+           "an actor holds one shard's outputs and a bounded number of decoded images.", "",
+           "| process | peak RSS, N (MB) | peak RSS, 10·N (MB) | ratio |", "|---|---:|---:|---:|"]
+    for role, what in (("driver", "driver"), ("worker", "worker (the actor)"),
+                       ("ray", "Ray's own services (not a goal)")):
+        row = p4[role]
+        out.append(f"| {what} | {_fmt(row['small_mb'])} | {_fmt(row['big_mb'])} | {row['ratio']:.3f} |")
+    return out + [""]
+
+
+def output_section(r: dict[str, Any]) -> list[str]:
+    p6 = r["p6"]
+    return ["## Output (P6)", "",
+            f"- Writing the Parquet parts took {p6['write_seconds']:.2f} s of a {p6['job_seconds']:.1f} s job "
+            f"({100 * p6['write_fraction']:.2f}%).",
+            f"- Bytes per vector (zstd + byte_stream_split, keys and labels included): bfloat16 features "
+            f"{p6['bf16_bytes_per_vector']:.0f} B, float32 features {p6['fp32_bytes_per_vector']:.0f} B, against "
+            f"{p6['raw_bytes_per_vector']} B raw float32 (512 x 4).",
+            "- Why they differ: a bfloat16 model's outputs carry 8 significant bits, so once widened to float32 "
+            "the low two bytes of every value are zero and byte_stream_split turns them into runs that zstd "
+            "removes. Full float32 features are close to incompressible noise in their low mantissa bytes. "
+            "Random-weight features also differ from ImageNet ones: ImageNet VGG16 features after ReLU and "
+            "pooling hold more exact zeros, which compress further, so read these as an upper bound for real "
+            "features.", ""]
+
+
+def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str]:
+    b, ab = r["bare"], r["worker_in_flight"]
+    out = ["## The fast path: what was kept, on what measurement", "",
+           "- uint8 crosses the process boundary and the cast and `preprocess_input` run inside the compiled "
+           "`tf.function` (embed.Embedder): 4x fewer bytes than float32 between decode and model.",
+           f"- XLA (`jit_compile`): bare VGG16 bfloat16 {_fmt(b['vgg16_bf16'])} images/s without, "
+           f"{_fmt(b['vgg16_bf16_xla'])} with ({b['vgg16_bf16_xla'] / b['vgg16_bf16']:.2f}x) on this CPU: kept off "
+           "for CPUs (embed.XLA_BY_DEVICE). TensorFlow could not run on the lent GPU, so there it stays off too; "
+           "the GPU section shows what XLA (through JAX) did for the same models there.",
+           f"- Batches in flight (worker.process_shard runs the model in its own thread): on this CPU one batch "
+           f"{_fmt(ab['images_per_second']['1'])} images/s, two {_fmt(ab['images_per_second']['2'])} "
+           f"({ab['ratio']:.3f}x, {ab['images']} images, best of {r['config']['repeats']})"]
+    if gpu:
+        pairs = [(row["variant"], row["backbone"], row["e2e"][0]["images_per_second"], row["e2e"][1]["images_per_second"])
+                 for row in gpu["variants"] if row.get("e2e")]
+        gains = ", ".join(f"{v} {bb} {one:.0f} -> {two:.0f}" for v, bb, one, two in pairs)
+        out[-1] += f"; on the H100, images/s with one -> two in flight: {gains}. Default: two."
+    else:
+        out[-1] += "."
+    out += [f"- Decode threads: sized to the CPUs the actor holds (worker.decode_threads_for, at least 2); a GPU "
+            "actor takes its GPU's share of the node's CPUs (pipeline.decode_cpus).",
+            f"- Bare InceptionV3 at {r['config']['image_size']} px, bfloat16: {_fmt(b['inceptionv3_bf16'])} "
+            "images/s (the `cnnbatch plan` default for CPUs).", ""]
+    return out
+
+
+def gpu_section(g: dict[str, Any]) -> list[str]:
+    m = g["machine"]
+    out = ["## GPU: NVIDIA H100 80GB HBM3", "",
+           f"Measured {g.get('date', '')} on a lent machine: {m['gpu']} (name, memory, driver, max SM clock), "
+           f"{m['cpus']} CPUs, Python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items()))
+           + ".", "",
+           "TensorFlow is not installed there and cannot be brought (its CUDA wheel is ~600 MB; the machine has no "
+           "network and takes 64 MB of carried files), so the same Keras 3 backbones ran on Keras' **PyTorch** "
+           "backend (eager cuDNN kernels, NCHW — the closest analogue of TensorFlow's GPU path) and on its **JAX** "
+           "backend (the whole model compiled by **XLA**). float32 = TF32 off; TF32 = float32 storage with "
+           "TF32 tensor-core math; float16 = Keras `mixed_float16`. The end-to-end figures run cnnbatch's own "
+           "`worker.process_shard` (read files, decode threads, model, Parquet write) around that model over "
+           f"{g['images']} generated 500x375 JPEGs, batch {g['batch']}, without Ray (not installed there either).",
+           "",
+           "MFU = images/s x GFLOPs per image (VGG16 30.7 at 224 px, InceptionV3 11.4 at 299, as `cnnbatch plan` "
+           "computes) / the H100 SXM5's dense peak for that arithmetic: "
+           f"{H100_PEAK_TFLOPS['float16']} TFLOP/s for float16, {H100_PEAK_TFLOPS['tf32']} for TF32, "
+           f"{H100_PEAK_TFLOPS['float32']} for float32 (NVIDIA's datasheet; a bf16 matrix product measured about "
+           "800 TFLOP/s on these machines).", "",
+           "| backbone | backend | arithmetic | bare images/s | bare MFU | end-to-end images/s, 1 -> 2 batches in "
+           "flight | end-to-end MFU |", "|---|---|---|---:|---:|---:|---:|"]
+    for row in g["variants"]:
+        flops = GFLOPS_PER_IMAGE[(row["backbone"], row["image_size"])]
+        peak = H100_PEAK_TFLOPS[row["mode"]]
+        bare = row["bare"]["images_per_second"]
+        e2e = row.get("e2e")
+        backend = "JAX (XLA)" if row["xla"] else "PyTorch (cuDNN)"
+        e2e_text = f"{e2e[0]['images_per_second']:,.0f} -> {e2e[1]['images_per_second']:,.0f}" if e2e else "-"
+        e2e_mfu = f"{e2e[1]['images_per_second'] * flops / 1e3 / peak:.1%}" if e2e else "-"
+        out.append(f"| {row['backbone']} {row['image_size']} | {backend} | {row['mode']} | {bare:,.0f} | "
+                   f"{bare * flops / 1e3 / peak:.1%} | {e2e_text} | {e2e_mfu} |")
+    small = [row for row in g["variants"] if row.get("bare_small_batch")]
+    if small:
+        out += ["", "Batch size (float16, bare): " + "; ".join(
+            f"{row['variant']} {row['backbone']}: {row['bare_small_batch']['images_per_second']:,.0f} images/s at "
+            f"{row['bare_small_batch']['batch']} vs {row['bare']['images_per_second']:,.0f} at {row['bare']['batch']}"
+            for row in small) + ". Large batches matter on this GPU: use `--batch-size 256` there."]
+    if g.get("multi"):
+        out += ["", "**Feeding it.** One process decodes too slowly for the GPU: its end-to-end rate is the decode "
+                "rate of one Python process (threads share the GIL for part of each decode). Several processes "
+                "sharing the GPU, as several actors per GPU (`--workers 8 --gpus-per-worker 0.125`) would, each "
+                "with its share of the 16 CPUs for decode threads:", "",
+                "| model | processes | decode threads each | images/s | MFU |", "|---|---:|---:|---:|---:|"]
+        for row in g["multi"]:
+            flops = GFLOPS_PER_IMAGE[(row["backbone"], row["image_size"])]
+            out.append(f"| {row['variant']} {row['backbone']} {row['image_size']} | {row['processes']} | "
+                       f"{row['decode_threads_each']} | {row['images_per_second']:,.0f} | "
+                       f"{row['images_per_second'] * flops / 1e3 / H100_PEAK_TFLOPS['float16']:.1%} |")
+    if g.get("decode"):
+        out += ["", "The machine's CPUs decoding the same 500x375 JPEGs (cnnbatch's `decode_image`, bytes in memory):",
+                "", "| to size | 1 thread | 16 threads | 16 processes |", "|---:|---:|---:|---:|"]
+        for row in g["decode"]:
+            out.append(f"| {row['image_size']} | {row['one_thread']:,.0f} | {row['threads']:,.0f} | "
+                       f"{row['processes']:,.0f} |")
+        out += ["", "So on this machine the GPU could run VGG16 several times faster than its 16 CPUs can decode "
+                "ImageNet-sized JPEGs: past a few processes the job is decode-bound, and the remaining lever is "
+                "decoding on the GPU (nvJPEG/DALI) or storing pre-resized images. `cnnbatch plan --device h100` "
+                "estimates with the slower of model and decoding."]
+    if g.get("failures"):
+        out += ["", "Variants that failed or timed out: " + "; ".join(f"{k}: {v[:200]}" for k, v in g["failures"].items())]
+    return out + [""]
+
+
+def reproduce_section() -> list[str]:
+    return ["## How to reproduce", "",
+            "```", "make bench            # CPU figures (this page), under 15 minutes on 2 cores",
+            ".venv/bin/python -m bench.run --quick --doc /tmp/b.md --chart /tmp/b.png   # the harness at tiny sizes",
+            "```", "",
+            "GPU figures, on a machine with an NVIDIA GPU, PyTorch and/or JAX, and keras installed "
+            "(results in bench/gpu_results.json):", "",
+            "```", "python3 -m bench.gpu --out gpu.json",
+            "python3 -m bench.gpu --out gpu_multi.json --variants '' --no-decode \\",
+            "    --multi jax:float16:vgg16=224:1/2/4/8,torch:float16:vgg16=224:4,jax:float16:inceptionv3=299:4",
+            "```", ""]
+
+
+def write_chart(r: dict[str, Any], gpu: dict[str, Any] | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = goals(r)
+    higher = [(f"{i} {w.split(',')[-1].strip()[:34]}", v, float(g.strip('>=x '))) for i, w, g, v, _, _ in rows
+              if g.startswith(">=")]
+    lower = [(f"{i} {w.split(',')[-1].strip()[:34]}", v, float(g.strip('<=x% ')) / (100 if '%' in g else 1))
+             for i, w, g, v, _, _ in rows if g.startswith("<=")]
+    panels = 3 if gpu else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2))
+    for ax, data, title in ((axes[0], higher, "higher is better"), (axes[1], lower, "lower is better")):
+        labels = [d[0] for d in data]
+        ax.barh(labels, [d[1] for d in data], color=["#2a7" if (d[1] >= d[2]) == (ax is axes[0]) else "#c44"
+                                                     for d in data])
+        ax.scatter([d[2] for d in data], labels, marker="|", s=400, color="black", zorder=3, label="goal")
+        for y, d in enumerate(data):
+            ax.text(d[1], y, f" {d[1]:.2f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"CPU ratios ({title})", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+    if gpu:
+        ax = axes[2]
+        variants = [row for row in gpu["variants"] if row["backbone"] == "vgg16"]
+        labels = [row["variant"] for row in variants]
+        ax.barh(labels, [row["bare"]["images_per_second"] for row in variants], color="#68c", label="bare")
+        e2e = [row["e2e"][1]["images_per_second"] if row.get("e2e") else 0 for row in variants]
+        ax.barh(labels, e2e, color="#e94", height=0.4, label="end to end, 1 process")
+        if gpu.get("multi"):
+            best = max(gpu["multi"], key=lambda row: row["images_per_second"] if row["backbone"] == "vgg16" else 0)
+            ax.axvline(best["images_per_second"], color="black", linestyle="--",
+                       label=f"end to end, {best['processes']} processes")
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title("H100, VGG16 224 px: images/s", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,225 @@
+"""``make bench``: every CPU figure of docs/benchmarks.md, measured side by side in one run, then the report.
+
+Order of work: generate the JPEGs (cached), P3 decode in this process, then the measured programs, each in a
+fresh process whose tree is sampled (bench.monitor): the bare backbone, cnnbatch extraction at N and 10N images
+(bfloat16) and at N and 4N (float32), and the plain Keras script at N and 4N. Repeats are interleaved and the best
+of each is kept, so that a busy neighbour disturbs every side alike. Steady-state images/s come from the
+difference of two runs (start-up cancels out). Results go to ``--results`` (JSON) and, through bench.report, to
+docs/benchmarks.md and its chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import decoding, report
+from bench.images import MEGAPIXEL_SIZE, folder_subset, write_folder
+from bench.monitor import REPO, RunResult, psutil_module, python_argv, run_measured
+from cnnbatch.backbones import get_backbone
+
+log = logging.getLogger("bench")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    image_size: int = 160  # VGG16; small enough for a 2-core CPU, large enough that compute dominates
+    batch_size: int = 32
+    n: int = 100  # images of the small runs; the big ones hold memory_scale x n and p2_scale x n
+    memory_scale: int = 10
+    p2_scale: int = 4
+    shard_size: int = 100
+    repeats: int = 2
+    bare_seconds: float = 10.0
+    big_images: int = 24  # 3 MP JPEGs for P3
+    decode_sizes: tuple[int, ...] = (224, 160)
+
+
+QUICK = BenchConfig(image_size=32, batch_size=8, n=8, memory_scale=3, p2_scale=2, shard_size=8, repeats=1,
+                    bare_seconds=1.0, big_images=3, decode_sizes=(32,))
+
+
+def steady_state(small: RunResult, big: RunResult, n_small: int, n_big: int) -> dict[str, float]:
+    """images/s from the difference of two runs, and the fixed start-up cost it leaves."""
+    rate = (n_big - n_small) / max(big.seconds - small.seconds, 1e-9)
+    return {"images_per_second": rate, "startup_seconds": small.seconds - n_small / rate,
+            "seconds_small": small.seconds, "seconds_big": big.seconds}
+
+
+def in_job_rate(job: dict[str, Any]) -> float:
+    """images/s inside the actor from the per-shard stats, the first shard (model warm-up) left out."""
+    shards = sorted(job["shards"], key=lambda s: s["shard_id"])[1:] or job["shards"]
+    return sum(s["rows"] for s in shards) / sum(s["seconds"]["total"] for s in shards)
+
+
+class Bench:
+    def __init__(self, config: BenchConfig, work: Path):
+        self.config, self.work = config, work
+        self.runs: dict[str, list[RunResult]] = {}
+
+    def measure(self, name: str, argv: list[str]) -> RunResult:
+        result = run_measured(argv)
+        self.runs.setdefault(name, []).append(result)
+        log.info("%-22s %6.1fs  rss %s  foreign cpu %.2f", name, result.seconds, result.peak_rss_mb,
+                 result.foreign_cpu)
+        return result
+
+    def best(self, name: str) -> RunResult:
+        return min(self.runs[name], key=lambda r: r.seconds)
+
+    def bare(self, name: str, precision: str, *extra: str, backbone: str = "vgg16") -> None:
+        c = self.config
+        size = get_backbone(backbone).check_size(max(c.image_size, get_backbone(backbone).min_input_size))
+        self.measure(name, python_argv("bench.bare", "--backbone", backbone, "--image-size", str(size),
+                                       "--batch-size", str(c.batch_size), "--precision", precision,
+                                       "--seconds", str(c.bare_seconds), *extra))
+
+    def job(self, name: str, folder: Path, precision: str) -> None:
+        c = self.config
+        self.measure(name, python_argv("bench.job", "--input", str(folder), "--output", str(self.work / f"out-{name}"),
+                                       "--image-size", str(c.image_size), "--batch-size", str(c.batch_size),
+                                       "--shard-size", str(c.shard_size), "--precision", precision))
+
+    def script(self, name: str, folder: Path) -> None:
+        c = self.config
+        self.measure(name, [sys.executable, str(REPO / "bench" / "keras_script.py"), "--input", str(folder),
+                            "--image-size", str(c.image_size), "--batch-size", str(c.batch_size)])
+
+    def bare_rate(self, name: str) -> float:
+        return max(r.result["images_per_second"] for r in self.runs[name])
+
+
+def machine() -> dict[str, Any]:
+    psutil = psutil_module()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    from cnnbatch.extract import library_versions
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "bf16": [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()],
+            "os": platform.platform(), "versions": library_versions(),
+            "load_average_at_start": os.getloadavg()}
+
+
+def run(config: BenchConfig, work: Path) -> dict[str, Any]:
+    c = config
+    started = time.perf_counter()
+    results: dict[str, Any] = {"config": asdict(c), "machine": machine(),
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    big_n, p2_n = c.n * c.memory_scale, c.n * c.p2_scale
+    source = write_folder(work / "jpegs", big_n)
+    folders = {n: folder_subset(source, work / f"jpegs-{n}", n) for n in sorted({c.n, p2_n, big_n})}
+    megapixel = write_folder(work / "jpegs-3mp", c.big_images, size=MEGAPIXEL_SIZE)
+    log.info("JPEGs ready in %.0fs", time.perf_counter() - started)
+
+    results["p3"] = [decoding.draft_speedup(megapixel, size) for size in c.decode_sizes]
+    results["decode_one_thread"] = decoding.single_thread_rate(source, c.image_size)
+    log.info("P3 %s", [round(r["ratio"], 2) for r in results["p3"]])
+
+    bench = Bench(c, work)
+    for _ in range(c.repeats):  # interleaved: each repeat measures every side once
+        bench.bare("bare-bf16", "bfloat16")
+        bench.job("cnnbatch-bf16-N", folders[c.n], "bfloat16")
+        bench.job("cnnbatch-bf16-10N", folders[big_n], "bfloat16")
+        bench.script("keras-N", folders[c.n])
+        bench.script("keras-4N", folders[p2_n])
+        bench.job("cnnbatch-fp32-N", folders[c.n], "float32")
+        bench.job("cnnbatch-fp32-4N", folders[p2_n], "float32")
+        bench.bare("bare-fp32", "float32")
+    bench.job("cnnbatch-auto-N", folders[c.n], "auto")
+    bench.bare("bare-bf16-xla", "bfloat16", "--xla")
+    bench.bare("bare-inceptionv3-bf16", "bfloat16", backbone="inceptionv3")
+    bench.measure("worker-in-flight", python_argv("bench.worker_ab", "--input", str(folders[p2_n]),
+                                                  "--image-size", str(c.image_size), "--batch-size",
+                                                  str(c.batch_size), "--repeats", str(c.repeats)))
+
+    bf16 = steady_state(bench.best("cnnbatch-bf16-N"), bench.best("cnnbatch-bf16-10N"), c.n, big_n)
+    fp32 = steady_state(bench.best("cnnbatch-fp32-N"), bench.best("cnnbatch-fp32-4N"), c.n, p2_n)
+    keras = steady_state(bench.best("keras-N"), bench.best("keras-4N"), c.n, p2_n)
+    big_job = bench.best("cnnbatch-bf16-10N").result
+    results["steady"] = {"cnnbatch_bf16": bf16, "cnnbatch_fp32": fp32, "keras_fp32": keras}
+    results["bare"] = {"vgg16_bf16": bench.bare_rate("bare-bf16"), "vgg16_fp32": bench.bare_rate("bare-fp32"),
+                       "vgg16_bf16_xla": bench.bare_rate("bare-bf16-xla"),
+                       "inceptionv3_bf16": bench.bare_rate("bare-inceptionv3-bf16")}
+    results["auto_precision"] = bench.runs["cnnbatch-auto-N"][0].result["precision"]
+    results["p1"] = {"ratio": bf16["images_per_second"] / results["bare"]["vgg16_bf16"],
+                     "in_job_images_per_second": in_job_rate(big_job),
+                     "in_job_ratio": in_job_rate(big_job) / results["bare"]["vgg16_bf16"],
+                     "fp32_ratio": fp32["images_per_second"] / results["bare"]["vgg16_fp32"]}
+    results["p2"] = {"bf16_ratio": bf16["images_per_second"] / keras["images_per_second"],
+                     "fp32_ratio": fp32["images_per_second"] / keras["images_per_second"]}
+    results["p4"] = memory_figures(bench, c.n, big_n)
+    results["p6"] = output_figures(big_job, bench.best("cnnbatch-fp32-4N").result)
+    results["stages"] = big_job["stage_seconds"]
+    results["job_seconds"] = big_job["seconds"]
+    results["worker_in_flight"] = bench.runs["worker-in-flight"][0].result
+    results["runs"] = {name: [r.to_dict() | {"stderr_tail": ""} for r in rs] for name, rs in bench.runs.items()}
+    results["foreign_cpu"] = {"mean": sum(r.foreign_cpu for rs in bench.runs.values() for r in rs)
+                              / sum(len(rs) for rs in bench.runs.values()),
+                              "max": max(r.foreign_cpu for rs in bench.runs.values() for r in rs)}
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["bench_seconds"] = time.perf_counter() - started
+    return results
+
+
+def memory_figures(bench: Bench, n: int, big_n: int) -> dict[str, Any]:
+    small = [r.peak_rss_mb for r in bench.runs["cnnbatch-bf16-N"]]
+    big = [r.peak_rss_mb for r in bench.runs["cnnbatch-bf16-10N"]]
+    figures: dict[str, Any] = {"n": n, "big_n": big_n}
+    for role in ("driver", "worker", "ray"):
+        low, high = max(p[role] for p in small), max(p[role] for p in big)
+        figures[role] = {"small_mb": low, "big_mb": high, "ratio": high / low if low else float("nan")}
+    return figures
+
+
+def output_figures(bf16_job: dict[str, Any], fp32_job: dict[str, Any]) -> dict[str, Any]:
+    def bytes_per_vector(job: dict[str, Any]) -> float:
+        return sum(s["part_bytes"] for s in job["shards"]) / max(1, sum(s["rows"] for s in job["shards"]))
+
+    raw = 512 * 4
+    write = sum(s["seconds"].get("write", 0.0) for s in bf16_job["shards"])
+    return {"write_seconds": write, "job_seconds": bf16_job["seconds"], "write_fraction": write / bf16_job["seconds"],
+            "raw_bytes_per_vector": raw,
+            "bf16_bytes_per_vector": bytes_per_vector(bf16_job), "bf16_ratio": bytes_per_vector(bf16_job) / raw,
+            "fp32_bytes_per_vector": bytes_per_vector(fp32_job), "fp32_ratio": bytes_per_vector(fp32_job) / raw}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(REPO / "bench" / "results" / "work"), help="JPEGs and outputs")
+    parser.add_argument("--results", default=str(REPO / "bench" / "results" / "cpu.json"))
+    parser.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--chart", default=str(REPO / "docs" / "benchmarks.png"))
+    parser.add_argument("--gpu-results", default=str(REPO / "bench" / "gpu_results.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, measures nothing")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from --results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    results_path = Path(args.results)
+    if args.report_only:
+        results = json.loads(results_path.read_text())
+    else:
+        config = QUICK if args.quick else BenchConfig()
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        results = run(config, work)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1, default=str))
+    gpu_path = Path(args.gpu_results)
+    gpu = json.loads(gpu_path.read_text()) if gpu_path.exists() else None
+    report.write(results, gpu, Path(args.doc), Path(args.chart))
+    print(report.summary(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

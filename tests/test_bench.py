@@ -1,0 +1,124 @@
+"""The bench harness on tiny sizes: measured-process sampling, steady-state arithmetic, P3 decode, the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import decoding, report
+from bench.images import MEGAPIXEL_SIZE, folder_subset, write_folder
+from bench.monitor import RunResult, run_measured
+from bench.run import in_job_rate, output_figures, steady_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_jpeg_folders_are_deterministic_and_extend(tmp_path: Path) -> None:
+    small = write_folder(tmp_path / "a", 3, size=(64, 48), classes=2)
+    first = {p.relative_to(small): p.read_bytes() for p in small.rglob("*.jpg")}
+    write_folder(tmp_path / "a", 5, size=(64, 48), classes=2)
+    again = {p.relative_to(small): p.read_bytes() for p in small.rglob("*.jpg")}
+    assert len(again) == 5 and all(again[k] == v for k, v in first.items())
+    assert sorted(str(k) for k in first) == ["class-0/img-000000.jpg", "class-0/img-000002.jpg",
+                                             "class-1/img-000001.jpg"]
+    other = write_folder(tmp_path / "b", 3, size=(64, 48), classes=2)
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*.jpg")} == first
+    subset = folder_subset(small, tmp_path / "sub", 2)
+    assert len(list(subset.rglob("*.jpg"))) == 2
+    with pytest.raises(ValueError, match="holds 5 images, expected at least 9"):
+        folder_subset(small, tmp_path / "sub9", 9)
+
+
+def test_run_measured_samples_peak_rss_and_parses_the_json_line() -> None:
+    program = ("import json, time; block = bytearray(300 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+               "time.sleep(1.0); print('noise'); print(json.dumps({'images': 3}))")
+    result = run_measured([sys.executable, "-c", program], interval=0.05)
+    assert result.result == {"images": 3} and result.returncode == 0
+    assert result.seconds >= 1.0
+    assert result.peak_rss_mb["driver"] >= 300
+    assert result.peak_rss_mb["worker"] == 0.0  # no Ray actor in this tree
+    with pytest.raises(RuntimeError, match=r"benchmark command failed \(exit 3\)"):
+        run_measured([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_steady_state_cancels_start_up() -> None:
+    # 10 s of start-up, then 4 images/s: 100 images -> 35 s, 1000 images -> 260 s.
+    small = RunResult(argv=[], seconds=35.0, returncode=0)
+    big = RunResult(argv=[], seconds=260.0, returncode=0)
+    steady = steady_state(small, big, 100, 1000)
+    assert steady["images_per_second"] == pytest.approx(4.0)
+    assert steady["startup_seconds"] == pytest.approx(10.0)
+
+
+def _shard(shard_id: str, rows: int, total: float, write: float, part_bytes: int) -> dict:
+    return {"shard_id": shard_id, "rows": rows, "part_bytes": part_bytes,
+            "seconds": {"total": total, "write": write}}
+
+
+def test_in_job_rate_leaves_out_the_warm_up_shard_and_output_figures() -> None:
+    job = {"seconds": 40.0, "shards": [_shard("000001", 100, 4.0, 0.1, 1000 * 100),
+                                       _shard("000000", 100, 20.0, 0.1, 1000 * 100)]}
+    assert in_job_rate(job) == pytest.approx(25.0)  # shard 000000 (with the model's warm-up) is not counted
+    fp32 = {"seconds": 10.0, "shards": [_shard("000000", 10, 1.0, 0.0, 2048 * 10)]}
+    figures = output_figures(job, fp32)
+    assert figures["write_fraction"] == pytest.approx(0.2 / 40.0)
+    assert figures["bf16_ratio"] == pytest.approx(1000 / 2048) and figures["fp32_ratio"] == pytest.approx(1.0)
+
+
+def test_draft_decoding_beats_full_decoding_on_megapixel_jpegs(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "big", 2, size=MEGAPIXEL_SIZE)
+    row = decoding.draft_speedup(folder, 64, repeats=2)
+    assert row["source"] == "2048x1536" and row["megapixels"] == pytest.approx(3.15)
+    assert row["ratio"] > 1.2, row  # libjpeg decodes at 1/8 scale: several times less work
+
+
+def synthetic_results() -> dict:
+    """A results record with the shape bench.run writes (numbers made up: only the report is under test)."""
+    steady = {"images_per_second": 30.0, "startup_seconds": 12.0, "seconds_small": 15.0, "seconds_big": 45.0}
+    return {
+        "config": {"image_size": 160, "batch_size": 32, "n": 100, "memory_scale": 10, "p2_scale": 4,
+                   "shard_size": 100, "repeats": 2},
+        "machine": {"cpu": "AMD EPYC", "cores": 2, "memory_gb": 23.5, "bf16": ["avx512_bf16"], "os": "Linux",
+                    "versions": {"tensorflow": "2.21.0"}, "load_average_at_start": [1.0, 1.0, 1.0],
+                    "load_average_at_end": [2.0, 1.0, 1.0]},
+        "date": "today", "bench_seconds": 600.0, "auto_precision": "bfloat16",
+        "p3": [{"image_size": 224, "images": 24, "source": "2048x1536", "megapixels": 3.15,
+                "draft_images_per_second": 90.0, "full_images_per_second": 30.0, "ratio": 3.0}],
+        "decode_one_thread": {"image_size": 160, "images": 300, "images_per_second": 400.0},
+        "steady": {"cnnbatch_bf16": steady, "cnnbatch_fp32": {**steady, "images_per_second": 15.0},
+                   "keras_fp32": {**steady, "images_per_second": 14.0}},
+        "bare": {"vgg16_bf16": 31.0, "vgg16_fp32": 15.5, "vgg16_bf16_xla": 9.0, "inceptionv3_bf16": 60.0},
+        "p1": {"ratio": 30 / 31, "in_job_images_per_second": 30.5, "in_job_ratio": 30.5 / 31, "fp32_ratio": 0.97},
+        "p2": {"bf16_ratio": 30 / 14, "fp32_ratio": 15 / 14},
+        "p4": {"n": 100, "big_n": 1000, "driver": {"small_mb": 160.0, "big_mb": 161.0, "ratio": 161 / 160},
+               "worker": {"small_mb": 900.0, "big_mb": 950.0, "ratio": 950 / 900},
+               "ray": {"small_mb": 1700.0, "big_mb": 1700.0, "ratio": 1.0}},
+        "p6": {"write_seconds": 0.3, "job_seconds": 45.0, "write_fraction": 0.3 / 45, "raw_bytes_per_vector": 2048,
+               "bf16_bytes_per_vector": 650.0, "bf16_ratio": 650 / 2048, "fp32_bytes_per_vector": 1900.0,
+               "fp32_ratio": 1900 / 2048},
+        "stages": {"decode": 3.0, "infer": 30.0, "list": 0.01, "read": 0.2, "total": 33.5, "wait_input": 0.3,
+                   "write": 0.3},
+        "job_seconds": 45.0,
+        "worker_in_flight": {"images": 400, "decode_threads": 2, "images_per_second": {"1": 30.0, "2": 30.3},
+                             "ratio": 1.01},
+        "foreign_cpu": {"mean": 0.1, "max": 0.3},
+    }
+
+
+def test_report_has_every_goal_the_machine_the_gpu_and_a_chart(tmp_path: Path) -> None:
+    results = synthetic_results()
+    gpu = json.loads((REPO / "bench" / "gpu_results.json").read_text())
+    doc, chart = tmp_path / "benchmarks.md", tmp_path / "benchmarks.png"
+    report.write(results, gpu, doc, chart)
+    text = doc.read_text()
+    for ident in ("P1", "P2", "P3", "P4", "P6"):
+        assert f"| {ident} |" in text
+    assert "| P1 | pipeline efficiency" in text and "**0.968** | met" in text
+    assert "| P6 | bytes per vector / raw float32, float32 features | <= 75% | **93%** | not met |" in text
+    assert "--weights random" in text and "AMD EPYC" in text and "NVIDIA H100" in text
+    assert "| vgg16 224 | JAX (XLA) | float16 |" in text and "MFU" in text
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
+    assert "NOT MET" in report.summary(results) and "P1" in report.summary(results)
