@@ -44,11 +44,24 @@ JOBS: dict[str, Job] = {
 }
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (a redirected or captured stream), so a
+    handler installed once never writes to a stream that has since been closed."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - logging's own attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # logging.StreamHandler.__init__ assigns it; sys.stderr always wins
+        pass
+
+
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("CNNBATCH_LOG_LEVEL") or "INFO").upper()
     root = logging.getLogger()
     if not any(getattr(h, "_cnnbatch", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._cnnbatch = True  # type: ignore[attr-defined]
         root.addHandler(handler)

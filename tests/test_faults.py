@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -253,22 +252,8 @@ def webdataset_tar(images: list[Path]) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture
-def cli_logging():
-    """``cli.main`` in this process installs a handler on the root logger bound to capsys's stream: remove it
-    afterwards, or later tests' log records go to a closed file."""
-    root, ours = logging.getLogger(), logging.getLogger("cnnbatch")
-    handlers, levels = list(root.handlers), (root.level, ours.level)
-    yield
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-    root.setLevel(levels[0])
-    ours.setLevel(levels[1])
-
-
 def test_a_shard_that_keeps_failing_is_reported_then_retried_by_a_rerun(ray_cluster, sample_root: Path,
-                                                                        tmp_path: Path, capsys,
-                                                                        cli_logging) -> None:
+                                                                        tmp_path: Path, capsys) -> None:
     from cnnbatch.cli import main
 
     images = sorted((sample_root / "holdout").rglob("*.*"))

@@ -5,7 +5,6 @@ the real feature writer, so what is read is exactly what ``cnnbatch extract`` pr
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -193,20 +192,7 @@ def test_needs_two_labelled_classes(tmp_path: Path) -> None:
     assert not (tmp_path / "model").exists()
 
 
-@pytest.fixture
-def restore_logging():
-    """``cli.main`` may bind a root handler to capsys's stream: drop it afterwards (later records would hit a
-    closed file)."""
-    root, ours = logging.getLogger(), logging.getLogger("cnnbatch")
-    handlers, levels = list(root.handlers), (root.level, ours.level)
-    yield
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-    root.setLevel(levels[0])
-    ours.setLevel(levels[1])
-
-
-def test_cli_exit_codes(tmp_path: Path, capsys, restore_logging) -> None:
+def test_cli_exit_codes(tmp_path: Path, capsys) -> None:
     x, labels = learnable(4, 8)
     first = write_features(tmp_path / "a", x, labels)
     second = write_features(tmp_path / "b", x, labels, image_size=64)
