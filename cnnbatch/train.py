@@ -574,8 +574,8 @@ def execute_plan(plan: TrainPlan, secrets: storage.SecretEnv | None = None) -> T
     fit_seconds = time.perf_counter() - fit_started
     losses = history.history.get("val_loss", [])
     best_epoch = int(np.argmin(losses)) + 1 if losses else len(history.epoch)
-    log.info("fit: %d epochs in %.1fs, best validation objective %.4f (cross-entropy + L2 penalty) at epoch %d", len(history.epoch), fit_seconds,
-             min(losses) if losses else float("nan"), best_epoch)
+    log.info("fit: %d epochs in %.1fs, best validation objective %.4f (cross-entropy + L2 penalty) at epoch %d",
+             len(history.epoch), fit_seconds, min(losses) if losses else float("nan"), best_epoch)
 
     evaluations = {split_name: evaluate(model, reader, loaded, split, len(index.labels))
                    for split_name, split in (("train", TRAIN), ("validation", VALIDATION))}
