@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with the project and its test extras
 
-demo: install ## the whole pipeline on a generated sample: extract features (more stages as they land)
+demo: install ## the whole pipeline on a generated sample, offline: extract -> train -> predict -> report
 	$(PY) -m cnnbatch.demo --root $(DATA)
 
 test: install validate-k8s ## run the whole test suite (the Kubernetes manifests' validation first)
