@@ -50,12 +50,29 @@ class ShardTask(Protocol):
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], in_flight: int) -> Iterator[R]:
     """``pool.map`` that keeps at most ``in_flight`` items submitted (``Executor.map`` submits everything)."""
     pending: collections.deque[Future[R]] = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= in_flight:
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:  # a failed shard leaves nothing queued on the (long-lived) pool
+        for future in pending:
+            future.cancel()
+
+
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
+
+
+def thread_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """One pool per purpose and size for the life of the process: threads made per shard would each leave
+    native allocator arenas behind, and an actor's RSS would creep up shard after shard (docs/benchmarks.md, P4).
+    Safe because an actor runs one shard at a time."""
+    key = (name, threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    return _POOLS[key]
 
 
 def decode_threads_for(cpus: float | None) -> int:
@@ -126,8 +143,8 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
 
     read_start = time.perf_counter()
     in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
-    with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="model") as model_pool:
+    pool, model_pool = thread_pool("decode", decode_threads), thread_pool("model", 1)
+    try:
         for item in bounded_map(pool, load, iter_records(shard), in_flight=in_flight):
             timing["read"] += item.read_s
             timing["decode"] += item.decode_s
@@ -141,6 +158,12 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             submit_batch(model_pool)
         while pending:
             collect(*pending.popleft())
+    finally:  # a failed shard: let its batches on the model thread finish before the next shard's
+        for future, _ in pending:
+            future.cancel()
+        for future, _ in pending:
+            if not future.cancelled():
+                future.exception()
     # Wall time the model waited on input: everything in the loop that was not inference.
     timing["wait_input"] = max(0.0, time.perf_counter() - read_start - timing["infer"])
 
