@@ -44,6 +44,7 @@ class RunResult:
     returncode: int
     result: dict[str, Any] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # driver, worker (largest), workers (sum), ray
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU time per role: driver, worker, ray
     foreign_cpu: float = 0.0  # CPU-seconds per second used by processes outside the tree (0..cores)
     stderr_tail: str = ""
 
@@ -70,6 +71,7 @@ class TreeSampler(threading.Thread):
         self.pid, self.interval = pid, interval
         self.peak: dict[str, float] = {"driver": 0.0, "worker": 0.0, "workers": 0.0, "ray": 0.0}
         self.tree_cpu: dict[int, float] = {}
+        self.roles: dict[int, str] = {}
         self._stop_event = threading.Event()
         self._cpu_start = self._busy()
 
@@ -92,6 +94,8 @@ class TreeSampler(threading.Thread):
             except self.psutil.Error:
                 continue
             role = _role(proc, self.pid)
+            if self.roles.get(proc.pid) != "worker":  # an idle Ray worker becomes the actor: keep "worker"
+                self.roles[proc.pid] = role
             if role == "worker":
                 self.peak["worker"] = max(self.peak["worker"], rss)
                 totals["workers"] += rss
@@ -103,6 +107,13 @@ class TreeSampler(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             self.sample()
+
+    def cpu_by_role(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for pid, seconds in self.tree_cpu.items():
+            role = self.roles.get(pid, "ray")
+            totals[role] = round(totals.get(role, 0.0) + seconds, 2)
+        return totals
 
     def stop(self, elapsed: float) -> float:
         """Stop sampling; return the foreign CPU load (cores busy outside the tree, on average)."""
@@ -137,7 +148,7 @@ def run_measured(argv: list[str], timeout: float = 400, interval: float = 0.2) -
     result = RunResult(argv=argv, seconds=elapsed, returncode=proc.returncode,
                        result=json.loads(lines[-1]) if lines else {},
                        peak_rss_mb={k: round(v, 1) for k, v in sampler.peak.items()},
-                       foreign_cpu=round(foreign, 3), stderr_tail=err[-2000:])
+                       cpu_seconds=sampler.cpu_by_role(), foreign_cpu=round(foreign, 3), stderr_tail=err[-2000:])
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark command failed (exit {proc.returncode}): {' '.join(argv)}\n{err[-2000:]}")
     return result

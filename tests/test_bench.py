@@ -102,8 +102,10 @@ def synthetic_results() -> dict:
         "stages": {"decode": 3.0, "infer": 30.0, "list": 0.01, "read": 0.2, "total": 33.5, "wait_input": 0.3,
                    "write": 0.3},
         "job_seconds": 45.0,
-        "worker_in_flight": {"images": 400, "decode_threads": 2, "images_per_second": {"1": 30.0, "2": 30.3},
-                             "ratio": 1.01},
+        "worker_in_flight": {"images": 400, "decode_threads": 2,
+                             "images_per_second": {"bare": 31.5, "1": 30.0, "2": 30.3}, "ratio": 1.01,
+                             "worker_over_bare": 30.3 / 31.5},
+        "cpu_seconds_10n": {"driver": 1.5, "worker": 80.0, "ray": 6.0, "wall": 45.0},
         "foreign_cpu": {"mean": 0.1, "max": 0.3},
     }
 
