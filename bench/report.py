@@ -117,6 +117,11 @@ def throughput_section(r: dict[str, Any]) -> list[str]:
             f"{r['cpu_seconds_10n'].get('ray', 0.0):.1f} CPU-seconds during the {big}-image job "
             f"({r['cpu_seconds_10n']['wall']:.0f} s wall, start-up included): on 2 cores that is a visible share, on "
             "a bigger node a fixed cost that shrinks.",
+            f"- At VGG16's own size, {r['p1_default_size']['image_size']} px, where each image carries "
+            f"{(r['p1_default_size']['image_size'] / r['config']['image_size']) ** 2:.1f}x the arithmetic for about "
+            f"the same decoding: bare {_fmt(r['p1_default_size']['bare'])} images/s, inside the actor "
+            f"{_fmt(r['p1_default_size']['in_job_images_per_second'])} = "
+            f"**{r['p1_default_size']['in_job_ratio']:.3f}** (in-job counters).",
             f"- What the pipeline costs on 2 cores is mostly JPEG decoding, which the bare model does not do: one "
             f"thread decodes {_fmt(r['decode_one_thread']['images_per_second'])} of these images/s to "
             f"{r['decode_one_thread']['image_size']} px, i.e. "
@@ -125,7 +130,11 @@ def throughput_section(r: dict[str, Any]) -> list[str]:
             f"- P2: the plain script is `keras.utils.image_dataset_from_directory` + `model.predict` "
             f"(bench/keras_script.py) at its default float32; cnnbatch's lead at float32 is "
             f"{r['p2']['fp32_ratio']:.2f}x, and bfloat16 (`--precision auto` on this CPU) makes it "
-            f"{r['p2']['bf16_ratio']:.2f}x.", ""]
+            f"{r['p2']['bf16_ratio']:.2f}x. The script runs below its own model's bare speed "
+            f"({_fmt(s['keras_fp32']['images_per_second'])} against {_fmt(b['vgg16_fp32'])} images/s): its process "
+            f"kept {r['cores_busy']['keras-fp32']:.2f} of the 2 cores busy on average, cnnbatch's processes "
+            f"{r['cores_busy']['cnnbatch-fp32']:.2f} at float32 and {r['cores_busy']['cnnbatch-bf16']:.2f} at "
+            "bfloat16 (CPU-seconds over wall time of the larger run, start-up included).", ""]
     stages = r["stages"]
     out += [f"Per-stage seconds of the {big}-image bfloat16 job (the job's summary line prints the same; worker "
             "stages are summed over shards, `list` is the driver's):", "",

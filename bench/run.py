@@ -32,6 +32,7 @@ log = logging.getLogger("bench")
 @dataclass(frozen=True)
 class BenchConfig:
     image_size: int = 160  # VGG16; small enough for a 2-core CPU, large enough that compute dominates
+    default_size: int = 224  # P1 again at VGG16's own size (in-job counters only: a shorter measurement)
     batch_size: int = 32
     n: int = 100  # images of the small runs; the big ones hold memory_scale x n and p2_scale x n
     memory_scale: int = 10
@@ -43,7 +44,7 @@ class BenchConfig:
     decode_sizes: tuple[int, ...] = (160, 224)  # the first is P3's headline: the size every other figure uses
 
 
-QUICK = BenchConfig(image_size=32, batch_size=8, n=8, memory_scale=3, p2_scale=2, shard_size=8, repeats=1,
+QUICK = BenchConfig(image_size=32, default_size=48, batch_size=8, n=8, memory_scale=3, p2_scale=2, shard_size=8, repeats=1,
                     bare_seconds=1.0, big_images=3, decode_sizes=(32,))
 PHONE_SIZE = (4032, 3024)  # 12 MP: a phone camera's photo
 
@@ -76,17 +77,17 @@ class Bench:
     def best(self, name: str) -> RunResult:
         return min(self.runs[name], key=lambda r: r.seconds)
 
-    def bare(self, name: str, precision: str, *extra: str, backbone: str = "vgg16") -> None:
+    def bare(self, name: str, precision: str, *extra: str, backbone: str = "vgg16", size: int | None = None) -> None:
         c = self.config
-        size = get_backbone(backbone).check_size(max(c.image_size, get_backbone(backbone).min_input_size))
+        size = get_backbone(backbone).check_size(max(size or c.image_size, get_backbone(backbone).min_input_size))
         self.measure(name, python_argv("bench.bare", "--backbone", backbone, "--image-size", str(size),
                                        "--batch-size", str(c.batch_size), "--precision", precision,
                                        "--seconds", str(c.bare_seconds), *extra))
 
-    def job(self, name: str, folder: Path, precision: str) -> None:
+    def job(self, name: str, folder: Path, precision: str, size: int | None = None) -> None:
         c = self.config
         self.measure(name, python_argv("bench.job", "--input", str(folder), "--output", str(self.work / f"out-{name}"),
-                                       "--image-size", str(c.image_size), "--batch-size", str(c.batch_size),
+                                       "--image-size", str(size or c.image_size), "--batch-size", str(c.batch_size),
                                        "--shard-size", str(c.shard_size), "--precision", precision))
 
     def script(self, name: str, folder: Path) -> None:
@@ -139,6 +140,8 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
         bench.job("cnnbatch-fp32-4N", folders[p2_n], "float32")
         bench.bare("bare-fp32", "float32")
     bench.job("cnnbatch-auto-N", folders[c.n], "auto")
+    bench.bare("bare-bf16-default-size", "bfloat16", size=c.default_size)
+    bench.job("cnnbatch-bf16-default-size", folders[p2_n], "bfloat16", size=c.default_size)
     bench.bare("bare-bf16-xla", "bfloat16", "--xla")
     bench.bare("bare-inceptionv3-bf16", "bfloat16", backbone="inceptionv3")
     bench.measure("worker-in-flight", python_argv("bench.worker_ab", "--input", str(folders[p2_n]),
@@ -154,6 +157,10 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
                        "vgg16_bf16_xla": bench.bare_rate("bare-bf16-xla"),
                        "inceptionv3_bf16": bench.bare_rate("bare-inceptionv3-bf16")}
     results["auto_precision"] = bench.runs["cnnbatch-auto-N"][0].result["precision"]
+    at_default = in_job_rate(bench.runs["cnnbatch-bf16-default-size"][0].result)
+    results["p1_default_size"] = {"image_size": c.default_size, "bare": bench.bare_rate("bare-bf16-default-size"),
+                                  "in_job_images_per_second": at_default,
+                                  "in_job_ratio": at_default / bench.bare_rate("bare-bf16-default-size")}
     results["p1"] = {"ratio": bf16["images_per_second"] / results["bare"]["vgg16_bf16"],
                      "in_job_images_per_second": in_job_rate(big_job),
                      "in_job_ratio": in_job_rate(big_job) / results["bare"]["vgg16_bf16"],
@@ -164,6 +171,9 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
     results["p6"] = output_figures(big_job, bench.best("cnnbatch-fp32-4N").result)
     best_big = bench.best("cnnbatch-bf16-10N")
     results["cpu_seconds_10n"] = best_big.cpu_seconds | {"wall": best_big.seconds}
+    results["cores_busy"] = {name: sum(run.cpu_seconds.values()) / run.seconds for name, run in
+                             (("cnnbatch-bf16", best_big), ("cnnbatch-fp32", bench.best("cnnbatch-fp32-4N")),
+                              ("keras-fp32", bench.best("keras-4N")))}
     results["stages"] = big_job["stage_seconds"]
     results["job_seconds"] = big_job["seconds"]
     results["worker_in_flight"] = bench.runs["worker-in-flight"][0].result

@@ -106,6 +106,8 @@ def synthetic_results() -> dict:
                              "images_per_second": {"bare": 31.5, "1": 30.0, "2": 30.3}, "ratio": 1.01,
                              "worker_over_bare": 30.3 / 31.5},
         "cpu_seconds_10n": {"driver": 1.5, "worker": 80.0, "ray": 6.0, "wall": 45.0},
+        "cores_busy": {"cnnbatch-bf16": 1.9, "cnnbatch-fp32": 1.9, "keras-fp32": 1.3},
+        "p1_default_size": {"image_size": 224, "bare": 15.0, "in_job_images_per_second": 14.4, "in_job_ratio": 0.96},
         "foreign_cpu": {"mean": 0.1, "max": 0.3},
     }
 
