@@ -80,6 +80,7 @@ def markdown(r: dict[str, Any], gpu: dict[str, Any] | None, chart_name: str) -> 
             f"{m['load_average_at_start'][0]:.1f} at the start, {m['load_average_at_end'][0]:.1f} at the end. "
             "Every measured process ran at the same priority (Ray workers otherwise run at nice 15).", ""]
     out += throughput_section(r) + decode_section(r) + memory_section(r) + output_section(r) + fast_path_section(r, gpu)
+    out += runs_section(r)
     out += gpu_section(gpu) if gpu else ["## GPU", "", "No GPU results recorded (bench/gpu_results.json).", ""]
     out += reproduce_section()
     return "\n".join(out) + "\n"
@@ -215,6 +216,19 @@ def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str
             f"- Bare InceptionV3 at {r['config']['image_size']} px, bfloat16: {_fmt(b['inceptionv3_bf16'])} "
             "images/s (the `cnnbatch plan` default for CPUs).", ""]
     return out
+
+
+def runs_section(r: dict[str, Any]) -> list[str]:
+    """Every measured program, so that the spread between repeats (the noise of a shared machine) is visible."""
+    out = ["## Every measured run", "",
+           "Wall seconds of each run in the order taken (repeats interleaved), and the CPU that other processes on "
+           "the machine used meanwhile (cores, averaged over the run). Figures above use the best run of each.", "",
+           "| run | seconds | other processes' CPU |", "|---|---|---|"]
+    for name, runs in r["runs"].items():
+        seconds = ", ".join(f"{run['seconds']:.1f}" for run in runs)
+        foreign = ", ".join(f"{run['foreign_cpu']:.2f}" for run in runs)
+        out.append(f"| {name} | {seconds} | {foreign} |")
+    return out + [""]
 
 
 def gpu_section(g: dict[str, Any]) -> list[str]:

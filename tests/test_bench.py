@@ -109,6 +109,7 @@ def synthetic_results() -> dict:
         "cores_busy": {"cnnbatch-bf16": 1.9, "cnnbatch-fp32": 1.9, "keras-fp32": 1.3},
         "p1_default_size": {"image_size": 224, "bare": 15.0, "in_job_images_per_second": 14.4, "in_job_ratio": 0.96},
         "foreign_cpu": {"mean": 0.1, "max": 0.3},
+        "runs": {"bare-bf16": [{"seconds": 17.0, "foreign_cpu": 0.02}, {"seconds": 18.5, "foreign_cpu": 0.4}]},
     }
 
 
@@ -124,5 +125,6 @@ def test_report_has_every_goal_the_machine_the_gpu_and_a_chart(tmp_path: Path) -
     assert "| P6 | bytes per vector / raw float32, float32 features | <= 75% | **93%** | not met |" in text
     assert "--weights random" in text and "AMD EPYC" in text and "NVIDIA H100" in text
     assert "| vgg16 224 | JAX (XLA) | float16 |" in text and "MFU" in text
+    assert "| bare-bf16 | 17.0, 18.5 | 0.02, 0.40 |" in text
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
     assert "NOT MET" in report.summary(results) and "P1" in report.summary(results)
