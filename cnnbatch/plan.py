@@ -37,15 +37,15 @@ class Measured:
 
 
 # From docs/benchmarks.md. CPU: this project's 2-core AMD EPYC with AVX512-BF16, TensorFlow, bfloat16, one actor,
-# at 160 px; efficiency = the measured job (26.4 images/s) over 1/(1/29.0 + 1/1006). H100: Keras on PyTorch's
+# at 160 px; efficiency = the measured job (26.4 images/s) over 1/(1/29.1 + 1/1138). H100: Keras on PyTorch's
 # cuDNN (the analogue of TensorFlow's GPU kernels, which could not run there), mixed float16, fed by its 16 CPUs
 # decoding in processes (as several actors per GPU do).
 _CPU = "2-core AMD EPYC (AVX512-BF16), TensorFlow, bfloat16"
 _H100 = "NVIDIA H100 80GB HBM3 + 16 CPUs, Keras/cuDNN, float16"
 MEASURED: dict[str, dict[str, Measured]] = {
     "cpu": {
-        "vgg16": Measured(_CPU, 160, "bfloat16", 29.0, 1006.0, True, 0.936),
-        "inceptionv3": Measured(_CPU, 160, "bfloat16", 109.7, 1006.0, True, 0.936),
+        "vgg16": Measured(_CPU, 160, "bfloat16", 29.1, 1138.0, True, 0.93),
+        "inceptionv3": Measured(_CPU, 160, "bfloat16", 120.4, 1138.0, True, 0.93),
     },
     "h100": {
         "vgg16": Measured(_H100, 224, "float16", 5907.0, 2756.0, False),
