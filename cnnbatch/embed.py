@@ -106,8 +106,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 # XLA (jit_compile) per device type, only where it measured faster (docs/benchmarks.md): on this project's CPU
-# it made VGG16 several times slower at every precision. TensorFlow with CUDA could not be measured on the lent
-# GPU, so GPUs keep cuDNN's kernels too until a measurement says otherwise.
+# it made VGG16 2.4x slower at bfloat16. TensorFlow with CUDA could not be measured on the lent GPU, so GPUs keep
+# cuDNN's kernels too until a measurement says otherwise.
 XLA_BY_DEVICE = {"CPU": False, "GPU": False}
 
 
