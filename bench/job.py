@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--image-size", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--shard-size", type=int, default=ExtractConfig.shard_size)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     setup_logging("WARNING")
@@ -34,6 +34,7 @@ def main() -> int:
     summary = run_extract(config)
     body = {name: getattr(summary, name) for name in ("images", "rows", "errors", "seconds", "stage_seconds",
                                                        "failed", "shards_done")}
+    body["steady_images_per_second"] = summary.steady_images_per_second
     body["shards"] = shard_stats(args.output)
     recorded = json.loads((Path(args.output) / "_cnnbatch.json").read_text())
     body["precision"] = recorded["config"]["precision"]  # what "auto" resolved to

@@ -95,7 +95,8 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
     if batches_in_flight < 1:
         raise ValueError(f"batches_in_flight must be at least 1, got {batches_in_flight}")
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
+    first_batch: list[float] = []  # [Unix time, images] once the first batch is through the model
     size = task.image_size
 
     def load(record: Record) -> _Loaded:
@@ -126,6 +127,8 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
         t0 = time.perf_counter()
         result = model({"image": images})
         timing["infer"] += time.perf_counter() - t0  # one model thread: no concurrent updates
+        if not first_batch:
+            first_batch.extend((time.time(), len(images)))
         return result
 
     def collect(future: Future[dict[str, Any]], items: list[_Loaded]) -> None:
@@ -171,6 +174,9 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     table = task.make_table(model, keys, labels, outputs)
     stats = ShardStats(shard_id=shard.shard_id, signature=shard.signature, fingerprint=fingerprint,
                        worker=f"{socket.gethostname()}:{os.getpid()}")
+    stats.started_at = started_at
+    if first_batch:
+        stats.first_batch_at, stats.first_batch_images = first_batch[0], int(first_batch[1])
     stats.seconds = {k: round(v, 4) for k, v in timing.items()}
     stats.seconds["total"] = round(time.perf_counter() - started, 4)  # write_shard adds its own time
     return output.write_shard(stats, table, errors)

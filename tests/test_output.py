@@ -85,3 +85,20 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
         out.acquire_lock()
     lock.release()
     out.acquire_lock().release()
+
+
+def test_steady_images_per_second_leaves_out_each_workers_start_up() -> None:
+    from cnnbatch.output import steady_images_per_second
+
+    def shard(worker: str, started: float, first_batch: float, finished: float, rows: int, **kw) -> ShardStats:
+        return ShardStats(f"{worker}{started}", "sig", "fp", rows=rows, worker=worker, started_at=started,
+                          first_batch_at=first_batch, first_batch_images=10, finished_at=finished, **kw)
+
+    # Worker a: warm-up until t=20, then 90 + 100 images by t=39 (gaps included): 190 / 19 = 10 images/s.
+    # Worker b, side by side: 40 images after its first batch in 8 s = 5 images/s. The failed shard does not count.
+    shards = [shard("a", 0.0, 20.0, 29.0, 100), shard("a", 29.5, 30.0, 39.0, 100),
+              shard("b", 1.0, 22.0, 26.0, 30), shard("b", 26.0, 26.5, 30.0, 20),
+              shard("b", 30.0, 31.0, 90.0, 500, failed="worker died")]
+    assert steady_images_per_second(shards) == pytest.approx(10.0 + 5.0)
+    assert steady_images_per_second([shard("c", 0.0, 5.0, 5.0, 10)]) is None  # only the warm-up batch
+    assert steady_images_per_second([ShardStats("x", "s", "f", rows=5)]) is None  # stats from before timestamps
