@@ -74,6 +74,21 @@ def test_exif_orientation_is_applied() -> None:
     assert red_top and not red_left
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_every_exif_orientation_matches_pillows_own_transpose(orientation: int, fmt: str) -> None:
+    # decode_image transposes in place (no copy); the pixels must be exactly those of the copying recipe.
+    from PIL import ImageOps
+
+    image = Image.fromarray(gradient(48, 30))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    data = encode(image, fmt, exif=exif.tobytes())
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    expected = np.asarray(expected.resize((24, 24), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(decode_image(data, 24), expected)
+
+
 def test_animated_image_uses_the_first_frame() -> None:
     frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     buffer = io.BytesIO()
