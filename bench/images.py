@@ -61,10 +61,15 @@ def write_folder(root: Path, count: int, size: tuple[int, int] = IMAGENET_SIZE, 
 
 
 def folder_subset(source: Path, target: Path, count: int) -> Path:
-    """A folder with the first ``count`` images of ``source`` (hard links: no copies, same bytes)."""
+    """A folder with exactly the first ``count`` images of ``source`` (hard links: no copies, same bytes); links
+    left from an earlier, different subset are removed, so the folder holds what its name says."""
     files = sorted(p for p in source.rglob("*.jpg"))[:count]
     if len(files) < count:
         raise ValueError(f"{source} holds {len(files)} images, expected at least {count}")
+    wanted = {path.relative_to(source) for path in files}
+    if target.exists():
+        for stale in [p for p in target.rglob("*.jpg") if p.relative_to(target) not in wanted]:
+            stale.unlink()
     for path in files:
         link = target / path.relative_to(source)
         if not link.exists():

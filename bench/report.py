@@ -41,8 +41,8 @@ def summary(r: dict[str, Any]) -> str:
     for ident, what, goal, _, text, met in goals(r):
         lines.append(f"  {ident} {what:<78} {text:>8}  goal {goal:<7} {'met' if met else 'NOT MET'}")
     p6 = r["p6"]
-    lines.append(f"  (not a goal) float32 features: {100 * p6['fp32_ratio']:.0f}% of raw; their bytes' order-0 entropy "
-                 f"allows {100 * p6['fp32_entropy']['bound_ratio']:.0f}% at best")
+    lines.append(f"  (not a goal) float32 features: {100 * p6['fp32_ratio']:.0f}% of raw; their mantissa bytes alone "
+                 f"carry {100 * p6['fp32_entropy']['mantissa_floor_ratio']:.0f}%")
     return "\n".join(lines)
 
 
@@ -102,9 +102,9 @@ def unmet_notes(r: dict[str, Any]) -> list[str]:
     p6 = r["p6"]
     notes.append(
         f"- P6's bytes per vector is the default job's. A job run with `--precision float32` writes "
-        f"{100 * p6['fp32_ratio']:.0f}% of raw: the low mantissa bytes of float32 features are noise, and the "
-        f"order-0 entropy of their four bytes allows {100 * p6['fp32_entropy']['bound_ratio']:.0f}% at best for "
-        "any lossless layout (details under Output).")
+        f"{100 * p6['fp32_ratio']:.0f}% of raw: the three mantissa bytes of float32 features are noise whose "
+        f"entropy alone is {100 * p6['fp32_entropy']['mantissa_floor_ratio']:.0f}% of raw, so no lossless layout "
+        "gets far below that (details under Output).")
     return notes
 
 
@@ -212,9 +212,10 @@ def output_section(r: dict[str, Any]) -> list[str]:
             "- Why they differ: a bfloat16 model's outputs carry 8 significant bits, so once widened to float32 "
             "(the contract's column type) the low two bytes of every value are zero and byte_stream_split turns "
             "them into runs that zstd removes.",
-            f"- Float32 features cannot get to 75% without losing information: the order-0 entropy of their four "
-            f"bytes (low mantissa byte first) is {bits} bits, {100 * e['bound_ratio']:.1f}% of raw, and zstd "
-            "reaches about that. Random-weight features hold few exact zeros "
+            f"- Float32 features stay near 75% at best without losing information: the order-0 entropy of their "
+            f"four bytes (low mantissa byte first) is {bits} bits; the three mantissa bytes are noise, "
+            f"{100 * e['mantissa_floor_ratio']:.1f}% of raw by themselves, and zstd's matches can only shrink the "
+            "sign-and-exponent byte. Random-weight features hold few exact zeros "
             f"({100 * e['zero_fraction']:.1f}% here); ImageNet VGG16 features after ReLU and pooling hold more, which "
             "compress further, so read the float32 figure as an upper bound for real features.", ""]
 
