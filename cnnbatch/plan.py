@@ -37,24 +37,24 @@ class Measured:
 
 
 # From docs/benchmarks.md. CPU: this project's 2-core AMD EPYC with AVX512-BF16, TensorFlow, bfloat16, one actor,
-# at 160 px; efficiency = the measured job (26.4 images/s) over 1/(1/29.1 + 1/1138). H100: Keras on PyTorch's
+# at 160 px; efficiency = the job's steady state (26.8 images/s) over 1/(1/28.9 + 1/1143). H100: Keras on PyTorch's
 # cuDNN (the analogue of TensorFlow's GPU kernels, which could not run there), mixed float16, fed by its 16 CPUs
 # decoding in processes (as several actors per GPU do).
 _CPU = "2-core AMD EPYC (AVX512-BF16), TensorFlow, bfloat16"
 _H100 = "NVIDIA H100 80GB HBM3 + 16 CPUs, Keras/cuDNN, float16"
 MEASURED: dict[str, dict[str, Measured]] = {
     "cpu": {
-        "vgg16": Measured(_CPU, 160, "bfloat16", 29.1, 1138.0, True, 0.93),
-        "inceptionv3": Measured(_CPU, 160, "bfloat16", 120.4, 1138.0, True, 0.93),
+        "vgg16": Measured(_CPU, 160, "bfloat16", 28.9, 1143.0, True, 0.95),
+        "inceptionv3": Measured(_CPU, 160, "bfloat16", 123.4, 1143.0, True, 0.95),
     },
     "h100": {
         "vgg16": Measured(_H100, 224, "float16", 5907.0, 2756.0, False),
         "inceptionv3": Measured(_H100, 299, "float16", 2788.0, 2568.0, False),
     },
 }
-# Parquet bytes per vector over raw float32 (zstd + byte_stream_split), measured on random-weight VGG16 features;
-# float16: those float32 features rounded to float16 and written the same way.
-MEASURED_BYTES_RATIO = {"float32": 0.82, "bfloat16": 0.32, "float16": 0.39}
+# Parquet bytes per vector over raw float32 (zstd + byte_stream_split, parts of 400-2000 rows), measured on
+# random-weight VGG16 features; float16: those float32 features rounded to float16 and written the same way.
+MEASURED_BYTES_RATIO = {"float32": 0.79, "bfloat16": 0.29, "float16": 0.39}
 # Layers that only rescale or reshape each value keep the volume: listed with --all-layers only.
 ELEMENTWISE = frozenset({"BatchNormalization", "Activation", "ReLU", "Rescaling", "Normalization", "Dropout"})
 

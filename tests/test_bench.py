@@ -155,7 +155,7 @@ def test_report_has_every_goal_the_machine_the_gpu_and_a_chart(tmp_path: Path) -
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
     assert "NOT MET" not in report.summary(results) and "P1" in report.summary(results)
     results["p1"]["ratio"] = 0.9
-    assert "NOT MET" in report.summary(results) and "**P1 is not met in this run.**" in report.markdown(results, gpu, "c")
+    assert "NOT MET" in report.summary(results) and "**P1 is not met in this run** at 160 px (0.900; at 224 px 0.960)" in report.markdown(results, gpu, "c")
 
 
 # --- the fast path the bench measures: worker.process_shard with batches in flight ---------------------------
