@@ -75,7 +75,8 @@ def main() -> None:
             before, rates = bare(), {}
             for mode in (("base", "gated") if round_ % 2 == 0 else ("gated", "base")):
                 worker.decode_image = gated_decode if mode == "gated" else plain_decode
-                stats = worker.process_shard(shard, task, GatedModel() if mode == "gated" else model, output, "ab", 2, 2)
+                runner = GatedModel() if mode == "gated" else model
+                stats = worker.process_shard(shard, task, runner, output, "ab", 2, 2)
                 rates[mode] = stats.rows / stats.seconds["total"]
             worker.decode_image = plain_decode
             reference = (before + bare()) / 2
