@@ -346,6 +346,8 @@ def reproduce_section() -> list[str]:
     return ["## How to reproduce", "",
             "```", "make bench            # CPU figures (this page), under 15 minutes on 2 cores",
             ".venv/bin/python -m bench.run --quick --doc /tmp/b.md --chart /tmp/b.png   # the harness at tiny sizes",
+            ".venv/bin/python -m bench.ray_vs_worker --input bench/results/work/jpegs-400   # P1's gap: Ray or worker?",
+            ".venv/bin/python -m bench.decode_gate_ab --input bench/results/work/jpegs-400  # decode waits for model?",
             "```", "",
             "GPU figures, on a machine with an NVIDIA GPU, PyTorch and/or JAX, and keras installed "
             "(results in bench/gpu_results.json):", "",
