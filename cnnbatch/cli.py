@@ -101,6 +101,11 @@ def run_job(job: Job, namespace: argparse.Namespace) -> Any:
     return runner(config)
 
 
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # never imports Ray for a job that did not use it
+    return ray is not None and ray.is_initialized()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
@@ -109,8 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"cnnbatch {job.name}: error:"
     from .storage import redact
 
+    ray_was_up = _ray_is_up()
     try:
-        result = run_job(job, namespace)
+        try:
+            result = run_job(job, namespace)
+        finally:
+            # Disconnect from the Ray this run started before the last lines: Ray prints actors' output (a remote
+            # traceback, say) from a background thread, which could otherwise land after the one-line error.
+            if not ray_was_up and _ray_is_up():
+                sys.modules["ray"].shutdown()
     except _known_errors() as exc:  # the job could not run: storage, weights, input or output state
         print(f"{prefix} {redact(str(exc))}", file=sys.stderr)
         return 1

@@ -79,5 +79,6 @@ def test_weights_file_that_is_not_hdf5_fails_in_one_line(tmp_path: Path, sample_
                      "--weights", str(bad), "--image-size", "32", "--gpus-per-worker", "0")
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("cnnbatch extract: error: workers could not start: WeightsError: cannot load weights")
+    assert last.startswith("cnnbatch extract: error: workers could not start: WeightsError: cannot load weights"), \
+        result.stderr[-3000:]
     assert "into vgg16 at 32 px" in last
