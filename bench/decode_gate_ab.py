@@ -1,11 +1,9 @@
 """Experiment (not in ``make bench``): on a CPU actor, should decoding wait while the model computes?
 
-On 2 cores the decode threads and TensorFlow's compute threads contend; one hypothesis for P1's gap is that a
-decode thread taking a core stalls TensorFlow's other thread at each parallel op. This A/B runs
-``worker.process_shard`` as shipped ("base") and with decoding gated to the moments the model is not running
-("gated": decode and model take turns), interleaved, each against the bare model measured around it.
-The gate here wraps ``worker.decode_image`` (reads still overlap); shipping it would need reads split from decoding
-first, or remote reads would stall behind the gate. Prints each round's ratios and the medians.
+On 2 cores the decode threads and TensorFlow's compute threads contend; a decode thread taking a core stalls
+TensorFlow's other thread at each parallel op. This A/B runs ``worker.process_shard`` with decoding alongside the
+model ("overlap", what GPU actors do) and with the two taking turns ("turns", ``take_turns=True``: what CPU actors
+do), interleaved, each against the bare model measured around it. Prints each round's ratios and the medians.
 """
 
 from __future__ import annotations
@@ -14,9 +12,7 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
-from typing import Any
 
 import numpy as np
 
@@ -39,26 +35,6 @@ def main() -> None:
     model = Embedder(spec)
     shard = next(iter(list_shards(args.input, shard_size=10**9)))
     pixels = np.random.default_rng(0).integers(0, 256, (32, args.image_size, args.image_size, 3), dtype=np.uint8)
-    model_idle = threading.Event()
-    model_idle.set()
-    plain_decode = worker.decode_image
-
-    class GatedModel:
-        """The same Embedder, marking when it computes (its other attributes pass through)."""
-
-        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-            model_idle.clear()
-            try:
-                return model(batch)
-            finally:
-                model_idle.set()
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(model, name)
-
-    def gated_decode(data: bytes, size: int) -> np.ndarray:
-        model_idle.wait()
-        return plain_decode(data, size)
 
     def bare() -> float:
         started, images = time.perf_counter(), 0
@@ -67,18 +43,15 @@ def main() -> None:
             images += 32
         return images / (time.perf_counter() - started)
 
-    ratios: dict[str, list[float]] = {"base": [], "gated": []}
+    ratios: dict[str, list[float]] = {"overlap": [], "turns": []}
     with tempfile.TemporaryDirectory() as out:
         output = OutputDataset(out)
         worker.process_shard(shard, task, model, output, "warm-up", 2, 2)
         for round_ in range(args.rounds):
             before, rates = bare(), {}
-            for mode in (("base", "gated") if round_ % 2 == 0 else ("gated", "base")):
-                worker.decode_image = gated_decode if mode == "gated" else plain_decode
-                runner = GatedModel() if mode == "gated" else model
-                stats = worker.process_shard(shard, task, runner, output, "ab", 2, 2)
+            for mode in (("overlap", "turns") if round_ % 2 == 0 else ("turns", "overlap")):
+                stats = worker.process_shard(shard, task, model, output, "ab", 2, 2, take_turns=mode == "turns")
                 rates[mode] = stats.rows / stats.seconds["total"]
-            worker.decode_image = plain_decode
             reference = (before + bare()) / 2
             for mode, rate in rates.items():
                 ratios[mode].append(rate / reference)

@@ -1,21 +1,27 @@
 """One shard, start to end, inside one process: read -> decode (threads) -> model (batches) -> write.
 
 Shared by extraction and prediction: a :class:`ShardTask` says how to build the model (once per actor) and how
-to turn its outputs into the shard's table. Decoding runs in a thread pool ahead of the model, with a bounded
-number of images in flight, so the model does not wait on JPEG decoding and memory stays bounded. With
-``batches_in_flight`` > 1 the model runs in its own thread while the next batches are stacked, so an accelerator
-is handed its next batch as soon as it finishes one (docs/benchmarks.md has the measurements).
+to turn its outputs into the shard's table. Reads run in their own I/O threads ahead of decoding (object-store
+latency is waiting, not work), decoding in a pool sized to the actor's CPUs, both with a bounded number of images
+in flight so memory stays bounded. With ``batches_in_flight`` > 1 the model runs in its own thread while the next
+batches are stacked, so an accelerator is handed its next batch as soon as it finishes one.
+
+Where the model computes on the same cores as the decoders (a CPU actor), decoding and the model take turns
+(:class:`TakeTurns`) instead of contending: a decode thread that takes one of the cores stalls TensorFlow's other
+compute threads at every parallel op, which costs more than the decode itself (docs/benchmarks.md, P1).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 # Batches handed to the model thread before the oldest result is collected: 1 runs the model inline between
 # batches; 2 lets the next batch be stacked (and an accelerator fed) while one runs. Chosen by measurement.
 DEFAULT_BATCHES_IN_FLIGHT = 2
+# Reads are waiting on storage, not CPU work: enough threads to hide an object store's per-request latency
+# (~20-50 ms to S3) behind decoding, whatever the actor's CPU count.
+DEFAULT_READ_THREADS = 16
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -76,9 +85,65 @@ def thread_pool(name: str, threads: int) -> ThreadPoolExecutor:
 
 
 def decode_threads_for(cpus: float | None) -> int:
-    """Decode threads sized to the CPUs this actor holds (at least 2, so reads overlap decoding)."""
+    """Decode threads sized to the CPUs this actor holds; at least 2 (one was 3% slower on a 2-core CPU actor)."""
     available = os.cpu_count() or 2
     return max(2, min(available, int(cpus) if cpus else available))
+
+
+class TakeTurns:
+    """Decoding and the model never run at the same time: decodes wait while the model computes, and the model
+    starts once the decodes already running have finished (at most one image per decode thread).
+
+    For CPU actors, where both would share the same cores. Measured on 2 cores (bench/decode_gate_ab.py): the
+    pipeline went from 0.960 to 0.971 of the bare model, since decoding a batch with all cores between model calls
+    costs less than TensorFlow's threads waiting on a core a decode thread holds.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._decoding = 0
+        self._computing = False
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._computing)
+            self._decoding += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._decoding -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        with self._changed:
+            self._computing = True  # first, so that no new decode starts while we wait for the running ones
+            self._changed.wait_for(lambda: self._decoding == 0)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._computing = False
+                self._changed.notify_all()
+
+
+class Overlap:
+    """Decoding runs alongside the model (GPU actors: the model does not use the decoders' cores)."""
+
+    def decoding(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def computing(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+
+class _Read:
+    __slots__ = ("record", "data", "error", "read_s")
+
+    def __init__(self, record: Record, data: bytes | None, error: str | None, read_s: float = 0.0):
+        self.record, self.data, self.error, self.read_s = record, data, error, read_s
 
 
 class _Loaded:
@@ -90,30 +155,45 @@ class _Loaded:
         self.read_s, self.decode_s = read_s, decode_s
 
 
+def read_record(record: Record) -> _Read:
+    """A record's bytes, or its error (an unreadable object is that image's error, not the shard's)."""
+    if record.error:
+        return _Read(record, None, record.error)
+    started = time.perf_counter()
+    try:
+        data = record.load()
+    except Exception as exc:  # noqa: BLE001
+        return _Read(record, None, f"cannot read: {storage.describe_error(exc)}", time.perf_counter() - started)
+    return _Read(record, data, None, time.perf_counter() - started)
+
+
 def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDataset, fingerprint: str,
-                  decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT) -> ShardStats:
-    """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
+                  decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
+                  take_turns: bool = False, read_threads: int = DEFAULT_READ_THREADS) -> ShardStats:
+    """Process one shard and write its part, errors and stats. Raises only for whole-shard failures.
+
+    ``take_turns``: decoding waits while the model computes (:class:`TakeTurns`); for models on the CPU.
+    """
     if batches_in_flight < 1:
         raise ValueError(f"batches_in_flight must be at least 1, got {batches_in_flight}")
+    if read_threads < 1 or decode_threads < 1:
+        raise ValueError(f"read_threads and decode_threads must be at least 1, got {read_threads} and {decode_threads}")
     started, started_at = time.perf_counter(), time.time()
     first_batch: list[float] = []  # [Unix time, images] once the first batch is through the model
     size = task.image_size
+    turns: TakeTurns | Overlap = TakeTurns() if take_turns else Overlap()
 
-    def load(record: Record) -> _Loaded:
-        if record.error:
-            return _Loaded(record.key, record.label, None, record.error)
-        t0 = time.perf_counter()
-        try:
-            data = record.load()
-        except Exception as exc:  # noqa: BLE001 - an unreadable object is that image's error, not the shard's
-            return _Loaded(record.key, record.label, None, f"cannot read: {storage.describe_error(exc)}",
-                           time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        try:
-            pixels = decode_image(data, size)
-        except DecodeError as exc:
-            return _Loaded(record.key, record.label, None, str(exc), t1 - t0, time.perf_counter() - t1)
-        return _Loaded(record.key, record.label, pixels, None, t1 - t0, time.perf_counter() - t1)
+    def decode(read: _Read) -> _Loaded:
+        record = read.record
+        if read.data is None:
+            return _Loaded(record.key, record.label, None, read.error, read.read_s)
+        with turns.decoding():
+            t0 = time.perf_counter()
+            try:
+                pixels = decode_image(read.data, size)
+            except DecodeError as exc:
+                return _Loaded(record.key, record.label, None, str(exc), read.read_s, time.perf_counter() - t0)
+            return _Loaded(record.key, record.label, pixels, None, read.read_s, time.perf_counter() - t0)
 
     keys: list[str] = []
     labels: list[str | None] = []
@@ -124,9 +204,10 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     pending: collections.deque[tuple[Future[dict[str, Any]], list[_Loaded]]] = collections.deque()
 
     def infer(images: np.ndarray) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        result = model({"image": images})
-        timing["infer"] += time.perf_counter() - t0  # one model thread: no concurrent updates
+        with turns.computing():
+            t0 = time.perf_counter()
+            result = model({"image": images})
+            timing["infer"] += time.perf_counter() - t0  # one model thread: no concurrent updates
         if not first_batch:
             first_batch.extend((time.time(), len(images)))
         return result
@@ -146,9 +227,12 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
 
     read_start = time.perf_counter()
     in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
-    pool, model_pool = thread_pool("decode", decode_threads), thread_pool("model", 1)
+    read_pool, decode_pool = thread_pool("read", read_threads), thread_pool("decode", decode_threads)
+    model_pool = thread_pool("model", 1)
+    # Bytes read ahead are bounded like decoded images: at most one window of each.
+    reads = bounded_map(read_pool, read_record, iter_records(shard), in_flight=max(in_flight, read_threads))
     try:
-        for item in bounded_map(pool, load, iter_records(shard), in_flight=in_flight):
+        for item in bounded_map(decode_pool, decode, reads, in_flight=in_flight):
             timing["read"] += item.read_s
             timing["decode"] += item.decode_s
             if item.error is not None:
@@ -161,7 +245,8 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             submit_batch(model_pool)
         while pending:
             collect(*pending.popleft())
-    finally:  # a failed shard: let its batches on the model thread finish before the next shard's
+    finally:  # a failed shard: no reads left queued, and its batches on the model thread finish first
+        reads.close()
         for future, _ in pending:
             future.cancel()
         for future, _ in pending:

@@ -1,0 +1,151 @@
+"""worker.process_shard's threads: reads on I/O threads, decoding on decode threads, and on CPU actors decoding
+and the model taking turns. No Ray, no TensorFlow: the model is a numpy stand-in that takes measurable time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.images import write_folder
+from cnnbatch import worker
+from cnnbatch.output import OutputDataset, embeddings_table, feature_schema
+from cnnbatch.shards import list_shards
+
+
+class SlowMeanColour:
+    """Each image's mean RGB, after ``seconds`` of 'compute'; records when it ran."""
+
+    def __init__(self, seconds: float, clock: list[tuple[str, float, float]]):
+        self.seconds, self.clock = seconds, clock
+
+    def __call__(self, batch: dict) -> dict:
+        started = time.perf_counter()
+        time.sleep(self.seconds)
+        images = batch["image"]
+        result = {"embedding": images.reshape(len(images), -1, 3).mean(axis=1).astype("float32")}
+        self.clock.append(("model", started, time.perf_counter()))
+        return result
+
+
+class Task:
+    image_size, batch_size = 16, 4
+
+    def make_table(self, model, keys, labels, outputs):
+        return embeddings_table(keys, labels, outputs["embedding"], feature_schema(3, {}))
+
+
+@pytest.fixture()
+def shard(tmp_path: Path):
+    folder = write_folder(tmp_path / "in", 20, size=(40, 30), classes=2)
+    return next(iter(list_shards(str(folder), shard_size=100)))
+
+
+@pytest.fixture()
+def timed_decode(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float, float]]:
+    """Every decode's interval (each made to take 5 ms, so that overlaps would show), on a shared clock."""
+    clock: list[tuple[str, float, float]] = []
+    plain = worker.decode_image
+
+    def decode(data: bytes, size: int) -> np.ndarray:
+        started = time.perf_counter()
+        time.sleep(0.005)
+        pixels = plain(data, size)
+        clock.append(("decode", started, time.perf_counter()))
+        return pixels
+
+    monkeypatch.setattr(worker, "decode_image", decode)
+    return clock
+
+
+def overlaps(clock: list[tuple[str, float, float]]) -> int:
+    model = [(a, b) for kind, a, b in clock if kind == "model"]
+    decodes = [(a, b) for kind, a, b in clock if kind == "decode"]
+    return sum(1 for a, b in decodes for m_a, m_b in model if a < m_b and m_a < b)
+
+
+def test_on_a_cpu_actor_no_decode_runs_while_the_model_computes(shard, timed_decode, tmp_path: Path) -> None:
+    output = OutputDataset(str(tmp_path / "out"))
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.05, timed_decode), output, "f",
+                                 decode_threads=2, batches_in_flight=2, take_turns=True)
+    assert stats.rows == 20 and stats.errors == 0
+    assert sum(1 for kind, *_ in timed_decode if kind == "model") == 5
+    assert overlaps(timed_decode) == 0
+
+
+def test_without_taking_turns_decoding_runs_ahead_during_the_model(shard, timed_decode, tmp_path: Path) -> None:
+    output = OutputDataset(str(tmp_path / "out"))
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.05, timed_decode), output, "f",
+                                 decode_threads=2, batches_in_flight=2, take_turns=False)
+    assert stats.rows == 20
+    assert overlaps(timed_decode) > 0  # 50 ms batches while 5 ms decodes fill a window of 3 batches
+
+
+def test_take_turns_and_overlap_write_the_same_rows(shard, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tables = []
+    for take_turns in (True, False):
+        output = OutputDataset(str(tmp_path / f"out-{take_turns}"))
+        worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", take_turns=take_turns)
+        tables.append(pq.read_table(output.part_path(shard.shard_id)))
+    assert tables[0].equals(tables[1])
+
+
+def test_reads_run_on_read_threads_and_decodes_on_decode_threads(shard, monkeypatch, tmp_path: Path) -> None:
+    threads: dict[str, set[str]] = {"read": set(), "decode": set()}
+    plain_records, plain_decode = worker.iter_records, worker.decode_image
+
+    def records(shard_):
+        for record in plain_records(shard_):
+            load = record.load
+
+            def traced_load(load=load) -> bytes:
+                threads["read"].add(threading.current_thread().name)
+                return load()
+
+            record.load = traced_load
+            yield record
+
+    def decode(data: bytes, size: int) -> np.ndarray:
+        threads["decode"].add(threading.current_thread().name)
+        return plain_decode(data, size)
+
+    monkeypatch.setattr(worker, "iter_records", records)
+    monkeypatch.setattr(worker, "decode_image", decode)
+    output = OutputDataset(str(tmp_path / "out"))
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", decode_threads=2,
+                                 take_turns=True, read_threads=3)
+    assert stats.rows == 20 and stats.seconds["read"] > 0 and stats.seconds["decode"] > 0
+    assert threads["read"] and all(name.startswith("read") for name in threads["read"])
+    assert threads["decode"] and all(name.startswith("decode") for name in threads["decode"])
+
+
+def test_an_unreadable_image_is_an_error_row_and_the_rest_go_on(shard, monkeypatch, tmp_path: Path) -> None:
+    plain_records = worker.iter_records
+
+    def records(shard_):
+        for index, record in enumerate(plain_records(shard_)):
+            if index == 3:
+                def broken() -> bytes:
+                    raise OSError("connection reset")
+                record.load = broken
+            yield record
+
+    monkeypatch.setattr(worker, "iter_records", records)
+    output = OutputDataset(str(tmp_path / "out"))
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", take_turns=True)
+    assert stats.rows == 19 and stats.errors == 1
+    import pyarrow.parquet as pq
+
+    errors = pq.read_table(str(tmp_path / "out" / "_errors" / f"part-{shard.shard_id}.parquet")).to_pylist()
+    assert len(errors) == 1 and errors[0]["error"] == "cannot read: OSError: connection reset"
+
+
+def test_thread_counts_are_checked(shard, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 1, got 0 and 2"):
+        worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), OutputDataset(str(tmp_path / "o")), "f",
+                             decode_threads=2, read_threads=0)
