@@ -226,11 +226,16 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             collect(*pending.popleft())
 
     read_start = time.perf_counter()
-    in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
+    # Images handed to the decoders ahead of the model; those not decoded yet hold their file's bytes. Decoding
+    # alongside the model runs up to batches_in_flight batches ahead; taking turns, it cannot get ahead of the
+    # batch the model waits for, so a larger window would only hold more bytes (a few MB each for phone photos).
+    if take_turns:
+        in_flight = task.batch_size + decode_threads
+    else:
+        in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
     read_pool, decode_pool = thread_pool("read", read_threads), thread_pool("decode", decode_threads)
     model_pool = thread_pool("model", 1)
-    # Bytes read ahead are bounded like decoded images: at most one window of each.
-    reads = bounded_map(read_pool, read_record, iter_records(shard), in_flight=max(in_flight, read_threads))
+    reads = bounded_map(read_pool, read_record, iter_records(shard), in_flight=read_threads)
     try:
         for item in bounded_map(decode_pool, decode, reads, in_flight=in_flight):
             timing["read"] += item.read_s
