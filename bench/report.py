@@ -96,9 +96,9 @@ def unmet_notes(r: dict[str, Any]) -> list[str]:
             f"- **P1 is not met in this run** at {r['config']['image_size']} px ({r['p1']['ratio']:.3f}; at "
             f"{r['p1_default_size']['image_size']} px {r['p1_default_size']['ratio']:.3f}). The worker alone, "
             f"without Ray, reaches {r['worker_in_flight']['worker_over_bare']:.3f} of the bare model, and the Ray job "
-            "runs as fast as the worker alone: what is missing is JPEG decoding on the model's two cores (on a CPU "
-            "actor the two take turns: each batch waits for its 32 images to be decoded). Details under "
-            "Throughput.")
+            "runs as fast as the worker alone: what is missing is JPEG decoding sharing the two cores with the "
+            "model (inside an actor the model runs at 0.97 of its bare speed while decoding runs alongside; making "
+            "them take turns costs more in waiting). Details under Throughput and The fast path.")
     if r["p2"]["bf16_ratio"] < 1.8:
         notes.append("- **P2 at bfloat16 is not met** in this run; see Throughput.")
     if r["p2"]["fp32_ratio"] < 1.1:
@@ -240,17 +240,9 @@ def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str
            "for CPUs (embed.XLA_BY_DEVICE). TensorFlow could not run on the lent GPU, so there it stays off too "
            "(unmeasured); the GPU section shows what XLA (through JAX) did for the same models there"
            + (f": {xla_gain(gpu)}." if gpu else "."),
-           "- Decoding and the model take turns on CPU actors (worker.TakeTurns): decodes wait while the model "
-           "computes, so the two never share the cores; GPU actors decode alongside. Worker alone, "
-           f"{ab['images']} images, best of {r['config']['repeats']}: alongside "
-           f"{_fmt(ab['images_per_second']['2'])} images/s, taking turns {_fmt(ab['images_per_second']['turns'])} "
-           f"({ab['turns_over_overlap']:.3f}x). Six interleaved rounds of `python -m bench.decode_gate_ab` "
-           "(26 Nov 2026): medians 0.944 (alongside) and 0.959 (taking turns) of the bare model; turns ahead in 4, "
-           "tied in 1, behind in 1.",
-           f"- Batches in flight (worker.process_shard runs the model in its own thread): on this CPU, decoding "
-           f"alongside, one batch {_fmt(ab['images_per_second']['1'])} images/s, two "
-           f"{_fmt(ab['images_per_second']['2'])} ({ab['ratio']:.3f}x, {ab['images']} images, best of "
-           f"{r['config']['repeats']})"]
+           f"- Batches in flight (worker.process_shard runs the model in its own thread): on this CPU one batch "
+           f"{_fmt(ab['images_per_second']['1'])} images/s, two {_fmt(ab['images_per_second']['2'])} "
+           f"({ab['ratio']:.3f}x, {ab['images']} images, best of {r['config']['repeats']})"]
     if gpu:
         pairs = [(row["variant"], row["backbone"], row["e2e"][0]["images_per_second"], row["e2e"][1]["images_per_second"])
                  for row in gpu["variants"] if row.get("e2e")]
@@ -258,7 +250,15 @@ def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str
         out[-1] += f"; on the H100, images/s with one -> two in flight: {gains}. Default: two."
     else:
         out[-1] += "."
-    out += [f"- Decode threads: sized to the CPUs the actor holds (worker.decode_threads_for, at least 2); a GPU "
+    out += ["- Reads run on their own I/O threads (16 per actor) ahead of the decode threads, so an object store's "
+            "per-request latency does not hold decoding up.",
+            "- Not kept: decoding and the model taking turns on CPU actors (decodes wait while the model computes). "
+            "Inside a Ray actor (`python -m bench.decode_gate_ab --ray`, 26 Nov 2026, 3 rounds, medians): bare "
+            "27.8 images/s; decoding alongside 26.9, the model itself at 27.0; taking turns 26.6, the model at 27.6 "
+            "(a fourth round: 27.4 alongside, 27.7 turns). It frees the model from contention, and each batch then "
+            "waits about as long for its images: a wash within this machine's noise (a `make bench` with it shipped "
+            "gave P1 0.901).",
+            f"- Decode threads: sized to the CPUs the actor holds (worker.decode_threads_for, at least 2); a GPU "
             "actor takes its GPU's share of the node's CPUs (pipeline.decode_cpus).",
             f"- Bare InceptionV3 at {r['config']['image_size']} px, bfloat16: {_fmt(b['inceptionv3_bf16'])} "
             "images/s (the `cnnbatch plan` default for CPUs).", ""]

@@ -151,14 +151,12 @@ def _make_actor_class() -> Any:
             self.output = OutputDataset(output_uri, node=self.node)
             self.fingerprint = fingerprint
             self.decode_threads = decode_threads_for(cpus)
-            # A CPU actor's model computes on the cores its decoders use: they take turns (worker.TakeTurns).
-            self.take_turns = options.gpus_per_worker == 0
             self.model = task.make_model()
 
         def process(self, shard: Shard) -> ShardStats:
             try:
                 return process_shard(shard, self.task, self.model, self.output, self.fingerprint,
-                                     self.decode_threads, take_turns=self.take_turns)
+                                     self.decode_threads)
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries then records it
                 log.exception("shard %s failed", shard.shard_id)
                 return ShardStats(shard.shard_id, shard.signature, self.fingerprint,

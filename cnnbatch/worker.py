@@ -6,22 +6,20 @@ latency is waiting, not work), decoding in a pool sized to the actor's CPUs, bot
 in flight so memory stays bounded. With ``batches_in_flight`` > 1 the model runs in its own thread while the next
 batches are stacked, so an accelerator is handed its next batch as soon as it finishes one.
 
-Where the model computes on the same cores as the decoders (a CPU actor), decoding and the model take turns
-(:class:`TakeTurns`) instead of contending: a decode thread that takes one of the cores stalls TensorFlow's other
-compute threads at every parallel op, which costs more than the decode itself (docs/benchmarks.md, P1).
+On a CPU actor decoding shares the cores with the model. Letting decodes wait while the model computes was
+measured and not kept: inside a Ray actor the model then ran at its bare speed, but each batch waited for its
+images to be decoded, which cost more (docs/benchmarks.md, P1).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -90,55 +88,6 @@ def decode_threads_for(cpus: float | None) -> int:
     return max(2, min(available, int(cpus) if cpus else available))
 
 
-class TakeTurns:
-    """Decoding and the model never run at the same time: decodes wait while the model computes, and the model
-    starts once the decodes already running have finished (at most one image per decode thread).
-
-    For CPU actors, where both would share the same cores. Measured on 2 cores (bench/decode_gate_ab.py): the
-    pipeline went from 0.960 to 0.971 of the bare model, since decoding a batch with all cores between model calls
-    costs less than TensorFlow's threads waiting on a core a decode thread holds.
-    """
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._decoding = 0
-        self._computing = False
-
-    @contextlib.contextmanager
-    def decoding(self) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: not self._computing)
-            self._decoding += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._decoding -= 1
-                self._changed.notify_all()
-
-    @contextlib.contextmanager
-    def computing(self) -> Iterator[None]:
-        with self._changed:
-            self._computing = True  # first, so that no new decode starts while we wait for the running ones
-            self._changed.wait_for(lambda: self._decoding == 0)
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._computing = False
-                self._changed.notify_all()
-
-
-class Overlap:
-    """Decoding runs alongside the model (GPU actors: the model does not use the decoders' cores)."""
-
-    def decoding(self) -> ContextManager[None]:
-        return contextlib.nullcontext()
-
-    def computing(self) -> ContextManager[None]:
-        return contextlib.nullcontext()
-
-
 class _Read:
     __slots__ = ("record", "data", "error", "read_s")
 
@@ -169,11 +118,8 @@ def read_record(record: Record) -> _Read:
 
 def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDataset, fingerprint: str,
                   decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
-                  take_turns: bool = False, read_threads: int = DEFAULT_READ_THREADS) -> ShardStats:
-    """Process one shard and write its part, errors and stats. Raises only for whole-shard failures.
-
-    ``take_turns``: decoding waits while the model computes (:class:`TakeTurns`); for models on the CPU.
-    """
+                  read_threads: int = DEFAULT_READ_THREADS) -> ShardStats:
+    """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
     if batches_in_flight < 1:
         raise ValueError(f"batches_in_flight must be at least 1, got {batches_in_flight}")
     if read_threads < 1 or decode_threads < 1:
@@ -181,19 +127,17 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     started, started_at = time.perf_counter(), time.time()
     first_batch: list[float] = []  # [Unix time, images] once the first batch is through the model
     size = task.image_size
-    turns: TakeTurns | Overlap = TakeTurns() if take_turns else Overlap()
 
     def decode(read: _Read) -> _Loaded:
         record = read.record
         if read.data is None:
             return _Loaded(record.key, record.label, None, read.error, read.read_s)
-        with turns.decoding():
-            t0 = time.perf_counter()
-            try:
-                pixels = decode_image(read.data, size)
-            except DecodeError as exc:
-                return _Loaded(record.key, record.label, None, str(exc), read.read_s, time.perf_counter() - t0)
-            return _Loaded(record.key, record.label, pixels, None, read.read_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        try:
+            pixels = decode_image(read.data, size)
+        except DecodeError as exc:
+            return _Loaded(record.key, record.label, None, str(exc), read.read_s, time.perf_counter() - t0)
+        return _Loaded(record.key, record.label, pixels, None, read.read_s, time.perf_counter() - t0)
 
     keys: list[str] = []
     labels: list[str | None] = []
@@ -204,10 +148,9 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     pending: collections.deque[tuple[Future[dict[str, Any]], list[_Loaded]]] = collections.deque()
 
     def infer(images: np.ndarray) -> dict[str, Any]:
-        with turns.computing():
-            t0 = time.perf_counter()
-            result = model({"image": images})
-            timing["infer"] += time.perf_counter() - t0  # one model thread: no concurrent updates
+        t0 = time.perf_counter()
+        result = model({"image": images})
+        timing["infer"] += time.perf_counter() - t0  # one model thread: no concurrent updates
         if not first_batch:
             first_batch.extend((time.time(), len(images)))
         return result
@@ -226,13 +169,9 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             collect(*pending.popleft())
 
     read_start = time.perf_counter()
-    # Images handed to the decoders ahead of the model; those not decoded yet hold their file's bytes. Decoding
-    # alongside the model runs up to batches_in_flight batches ahead; taking turns, it cannot get ahead of the
-    # batch the model waits for, so a larger window would only hold more bytes (a few MB each for phone photos).
-    if take_turns:
-        in_flight = task.batch_size + decode_threads
-    else:
-        in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
+    # Images handed to the decoders ahead of the model (up to batches_in_flight batches ahead); reads run at most
+    # read_threads further ahead, so bytes held stay bounded too.
+    in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
     read_pool, decode_pool = thread_pool("read", read_threads), thread_pool("decode", decode_threads)
     model_pool = thread_pool("model", 1)
     reads = bounded_map(read_pool, read_record, iter_records(shard), in_flight=read_threads)

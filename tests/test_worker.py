@@ -1,5 +1,5 @@
-"""worker.process_shard's threads: reads on I/O threads, decoding on decode threads, and on CPU actors decoding
-and the model taking turns. No Ray, no TensorFlow: the model is a numpy stand-in that takes measurable time."""
+"""worker.process_shard's threads: reads on I/O threads, decoding on decode threads running ahead of the model.
+No Ray, no TensorFlow: the model is a numpy stand-in that takes measurable time."""
 
 from __future__ import annotations
 
@@ -67,32 +67,13 @@ def overlaps(clock: list[tuple[str, float, float]]) -> int:
     return sum(1 for a, b in decodes for m_a, m_b in model if a < m_b and m_a < b)
 
 
-def test_on_a_cpu_actor_no_decode_runs_while_the_model_computes(shard, timed_decode, tmp_path: Path) -> None:
+def test_decoding_runs_ahead_while_the_model_computes(shard, timed_decode, tmp_path: Path) -> None:
     output = OutputDataset(str(tmp_path / "out"))
     stats = worker.process_shard(shard, Task(), SlowMeanColour(0.05, timed_decode), output, "f",
-                                 decode_threads=2, batches_in_flight=2, take_turns=True)
+                                 decode_threads=2, batches_in_flight=2)
     assert stats.rows == 20 and stats.errors == 0
     assert sum(1 for kind, *_ in timed_decode if kind == "model") == 5
-    assert overlaps(timed_decode) == 0
-
-
-def test_without_taking_turns_decoding_runs_ahead_during_the_model(shard, timed_decode, tmp_path: Path) -> None:
-    output = OutputDataset(str(tmp_path / "out"))
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.05, timed_decode), output, "f",
-                                 decode_threads=2, batches_in_flight=2, take_turns=False)
-    assert stats.rows == 20
     assert overlaps(timed_decode) > 0  # 50 ms batches while 5 ms decodes fill a window of 3 batches
-
-
-def test_take_turns_and_overlap_write_the_same_rows(shard, tmp_path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tables = []
-    for take_turns in (True, False):
-        output = OutputDataset(str(tmp_path / f"out-{take_turns}"))
-        worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", take_turns=take_turns)
-        tables.append(pq.read_table(output.part_path(shard.shard_id)))
-    assert tables[0].equals(tables[1])
 
 
 def test_reads_run_on_read_threads_and_decodes_on_decode_threads(shard, monkeypatch, tmp_path: Path) -> None:
@@ -118,7 +99,7 @@ def test_reads_run_on_read_threads_and_decodes_on_decode_threads(shard, monkeypa
     monkeypatch.setattr(worker, "decode_image", decode)
     output = OutputDataset(str(tmp_path / "out"))
     stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", decode_threads=2,
-                                 take_turns=True, read_threads=3)
+                                 read_threads=3)
     assert stats.rows == 20 and stats.seconds["read"] > 0 and stats.seconds["decode"] > 0
     assert threads["read"] and all(name.startswith("read") for name in threads["read"])
     assert threads["decode"] and all(name.startswith("decode") for name in threads["decode"])
@@ -137,7 +118,7 @@ def test_an_unreadable_image_is_an_error_row_and_the_rest_go_on(shard, monkeypat
 
     monkeypatch.setattr(worker, "iter_records", records)
     output = OutputDataset(str(tmp_path / "out"))
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", take_turns=True)
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f")
     assert stats.rows == 19 and stats.errors == 1
     import pyarrow.parquet as pq
 
