@@ -322,7 +322,9 @@ def gpu_section(g: dict[str, Any]) -> list[str]:
         out += ["", "Batch size (float16, bare): " + "; ".join(
             f"{row['variant']} {row['backbone']}: {row['bare_small_batch']['images_per_second']:,.0f} images/s at "
             f"{row['bare_small_batch']['batch']} vs {row['bare']['images_per_second']:,.0f} at {row['bare']['batch']}"
-            for row in small) + ". Large batches matter on this GPU: use `--batch-size 256` there."]
+            for row in small) + ". Large batches matter on this GPU: left to itself (no `--batch-size`) a GPU "
+            "actor takes the largest power of two up to 256 whose activations fit half its share of the GPU's memory "
+            "(cnnbatch.batching): 256 for either backbone on an H100, even shared by 8 actors."]
     if g.get("multi"):
         out += ["", "**Feeding it.** One process decodes too slowly for the GPU: its end-to-end rate is the decode "
                 "rate of one Python process (threads share the GIL for part of each decode). Several processes "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from . import __version__, storage
+from .batching import auto_batch_size
 from .backbones import BACKBONES, get_backbone
 from .config import log_config, option, require, to_dict
 from .decode import DRAFT_OVERSAMPLE
@@ -33,7 +34,9 @@ class ExtractConfig:
     weights: str = option("imagenet, random (seeded), or the URL of a notop weights file", "imagenet",
                           metavar="imagenet|random|URI")
     image_size: int | None = option("input size in pixels (default: the backbone's, 224 or 299)", None, metavar="N")
-    batch_size: int = option("images per model call", 32, metavar="N")
+    batch_size: int | None = option("images per model call (default: 32 on CPUs; on a GPU the largest power of "
+                                    "two up to 256 whose activations fit half the actor's share of its memory)",
+                                    None, metavar="N")
     shard_size: int = option("images per shard for a folder input", 1000, metavar="N")
     workers: int = option("Ray actors, each holding one model", 1, metavar="N")
     gpus_per_worker: float | None = option(
@@ -46,7 +49,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         get_backbone(self.backbone)
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
@@ -60,7 +63,7 @@ class ExtractTask:
     """Extraction as a :class:`~cnnbatch.worker.ShardTask`: the embedder plus the feature table layout."""
 
     model: ModelSpec
-    batch_size: int
+    batch_size: int | None  # None: each actor sizes it to its device (batching.auto_batch_size)
     metadata: dict[str, Any]
 
     @property
@@ -69,6 +72,11 @@ class ExtractTask:
 
     def make_model(self) -> Embedder:
         return Embedder(self.model)
+
+    def with_batch_size_for(self, model: Embedder, gpu_share: float) -> ExtractTask:
+        if self.batch_size is not None:
+            return self
+        return replace(self, batch_size=auto_batch_size(model.model, self.model.precision, gpu_share))
 
     def make_table(self, model: Embedder, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> pa.Table:

@@ -147,11 +147,11 @@ def _make_actor_class() -> Any:
             self.node = ray.get_runtime_context().get_node_id()
             resources = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == self.node), {})
             cpus = decode_cpus(options, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-            self.task = task
             self.output = OutputDataset(output_uri, node=self.node)
             self.fingerprint = fingerprint
             self.decode_threads = decode_threads_for(cpus)
             self.model = task.make_model()
+            self.task = task.with_batch_size_for(self.model, options.gpus_per_worker)
 
         def process(self, shard: Shard) -> ShardStats:
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .batching import auto_batch_size
 from .config import log_config, option, require, to_dict
 from .decode import DecodeError, decode_image
 from .embed import PRECISIONS, Embedder, ModelSpec, resolve_precision, variables_digest
@@ -49,7 +50,9 @@ class PredictConfig:
     json: bool = option("one image: print the result as JSON", False)
     allow_private_urls: bool = option(
         "let --image-url reach loopback, private and link-local addresses (cloud metadata stays refused)", False)
-    batch_size: int = option("bulk: images per model call", 32, metavar="N")
+    batch_size: int | None = option("bulk: images per model call (default: 32 on CPUs; on a GPU the largest power "
+                                    "of two up to 256 whose activations fit half the actor's share of its memory)",
+                                    None, metavar="N")
     shard_size: int = option("bulk: images per shard for a folder input", 1000, metavar="N")
     workers: int = option("bulk: Ray actors, each holding one model", 1, metavar="N")
     gpus_per_worker: float | None = option(
@@ -75,7 +78,7 @@ class PredictConfig:
                 require(scheme in SCHEMES, f"--image-url takes an http or https URL, got {scheme or 'no'} scheme "
                                            f"in {storage.redact(self.image_url)!r}; use --image for files and buckets")
         require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
-        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
@@ -175,7 +178,7 @@ class PredictTask:
     info: ModelInfo
     precision: str
     top_k: int
-    batch_size: int
+    batch_size: int | None  # None: each actor sizes it to its device (batching.auto_batch_size)
     metadata: dict[str, Any]
 
     @property
@@ -187,6 +190,11 @@ class PredictTask:
         if info != self.info:
             raise ModelError(f"model folder {storage.redact(self.model_uri)} changed while the job ran")
         return Predictor(info, head, self.precision)
+
+    def with_batch_size_for(self, model: Predictor, gpu_share: float) -> PredictTask:
+        if self.batch_size is not None:
+            return self
+        return replace(self, batch_size=auto_batch_size(model.embedder.model, self.precision, gpu_share))
 
     def make_table(self, model: Predictor, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> pa.Table:

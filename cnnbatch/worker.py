@@ -44,10 +44,13 @@ class ShardTask(Protocol):
     """What a job does with decoded images. Must be picklable: it travels to every actor."""
 
     image_size: int
-    batch_size: int
+    batch_size: int | None  # None until the actor sizes it to its device (with_batch_size_for)
 
     def make_model(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """Build the model (called once per actor)."""
+
+    def with_batch_size_for(self, model: Any, gpu_share: float) -> ShardTask:
+        """This task with its batch size decided for the device the actor holds (itself if already set)."""
 
     def make_table(self, model: Any, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> pa.Table:
@@ -122,6 +125,9 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
     if batches_in_flight < 1:
         raise ValueError(f"batches_in_flight must be at least 1, got {batches_in_flight}")
+    if task.batch_size is None or task.batch_size < 1:
+        raise ValueError(f"the task's batch size must be decided (at least 1) before a shard runs, "
+                         f"got {task.batch_size}")
     if read_threads < 1 or decode_threads < 1:
         raise ValueError(f"read_threads and decode_threads must be at least 1, got {read_threads} and {decode_threads}")
     started, started_at = time.perf_counter(), time.time()
