@@ -250,8 +250,11 @@ def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str
         out[-1] += f"; on the H100, images/s with one -> two in flight: {gains}. Default: two."
     else:
         out[-1] += "."
-    out += ["- Reads run on their own I/O threads (16 per actor) ahead of the decode threads, so an object store's "
-            "per-request latency does not hold decoding up.",
+    out += ["- Not kept: reads on their own 16 I/O threads ahead of the decode threads. On the lent H200 node "
+            "(26 Nov 2026, jax:float16 VGG16 at 224 px, bench/gpu.py, old and new code interleaved), 4 processes "
+            "sharing the GPU did 2,686 and 3,129 images/s with it against 4,031 and 3,690 without, one process "
+            "1,183 and 1,126 against 1,278 and 1,252: more threads contending for the GIL. Each decode thread "
+            "reads its own image.",
             "- Not kept: decoding and the model taking turns on CPU actors (decodes wait while the model computes). "
             "Inside a Ray actor (`python -m bench.decode_gate_ab --ray`, 26 Nov 2026, 3 rounds, medians): bare "
             "27.8 images/s; decoding alongside 26.9, the model itself at 27.0; taking turns 26.6, the model at 27.6 "

@@ -1,14 +1,15 @@
 """One shard, start to end, inside one process: read -> decode (threads) -> model (batches) -> write.
 
 Shared by extraction and prediction: a :class:`ShardTask` says how to build the model (once per actor) and how
-to turn its outputs into the shard's table. Reads run in their own I/O threads ahead of decoding (object-store
-latency is waiting, not work), decoding in a pool sized to the actor's CPUs, both with a bounded number of images
-in flight so memory stays bounded. With ``batches_in_flight`` > 1 the model runs in its own thread while the next
-batches are stacked, so an accelerator is handed its next batch as soon as it finishes one.
+to turn its outputs into the shard's table. Decoding runs in a thread pool ahead of the model, with a bounded
+number of images in flight, so the model does not wait on JPEG decoding and memory stays bounded. With
+``batches_in_flight`` > 1 the model runs in its own thread while the next batches are stacked, so an accelerator
+is handed its next batch as soon as it finishes one (docs/benchmarks.md has the measurements).
 
-On a CPU actor decoding shares the cores with the model. Letting decodes wait while the model computes was
-measured and not kept: inside a Ray actor the model then ran at its bare speed, but each batch waited for its
-images to be decoded, which cost more (docs/benchmarks.md, P1).
+Each decode thread reads its image, then decodes it. Two alternatives were measured and not kept: reads on their
+own 16 I/O threads ahead of the decoders (on the H200 node, 4 actors sharing the GPU: 2,686 and 3,129 images/s
+against 4,031 and 3,690 as here; one actor 1,183 and 1,126 against 1,278 and 1,252: more threads contending for the
+GIL), and on CPU actors, decodes waiting while the model computes (bench/decode_gate_ab.py: a wash).
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ log = logging.getLogger(__name__)
 # Batches handed to the model thread before the oldest result is collected: 1 runs the model inline between
 # batches; 2 lets the next batch be stacked (and an accelerator fed) while one runs. Chosen by measurement.
 DEFAULT_BATCHES_IN_FLIGHT = 2
-# Reads are waiting on storage, not CPU work: enough threads to hide an object store's per-request latency
-# (~20-50 ms to S3) behind decoding, whatever the actor's CPU count.
-DEFAULT_READ_THREADS = 16
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -86,16 +84,9 @@ def thread_pool(name: str, threads: int) -> ThreadPoolExecutor:
 
 
 def decode_threads_for(cpus: float | None) -> int:
-    """Decode threads sized to the CPUs this actor holds; at least 2 (one was 3% slower on a 2-core CPU actor)."""
+    """Decode threads sized to the CPUs this actor holds (at least 2, so reads overlap decoding)."""
     available = os.cpu_count() or 2
     return max(2, min(available, int(cpus) if cpus else available))
-
-
-class _Read:
-    __slots__ = ("record", "data", "error", "read_s")
-
-    def __init__(self, record: Record, data: bytes | None, error: str | None, read_s: float = 0.0):
-        self.record, self.data, self.error, self.read_s = record, data, error, read_s
 
 
 class _Loaded:
@@ -107,43 +98,33 @@ class _Loaded:
         self.read_s, self.decode_s = read_s, decode_s
 
 
-def read_record(record: Record) -> _Read:
-    """A record's bytes, or its error (an unreadable object is that image's error, not the shard's)."""
-    if record.error:
-        return _Read(record, None, record.error)
-    started = time.perf_counter()
-    try:
-        data = record.load()
-    except Exception as exc:  # noqa: BLE001
-        return _Read(record, None, f"cannot read: {storage.describe_error(exc)}", time.perf_counter() - started)
-    return _Read(record, data, None, time.perf_counter() - started)
-
-
 def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDataset, fingerprint: str,
-                  decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
-                  read_threads: int = DEFAULT_READ_THREADS) -> ShardStats:
+                  decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT) -> ShardStats:
     """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
     if batches_in_flight < 1:
         raise ValueError(f"batches_in_flight must be at least 1, got {batches_in_flight}")
     if task.batch_size is None or task.batch_size < 1:
         raise ValueError(f"the task's batch size must be decided (at least 1) before a shard runs, "
                          f"got {task.batch_size}")
-    if read_threads < 1 or decode_threads < 1:
-        raise ValueError(f"read_threads and decode_threads must be at least 1, got {read_threads} and {decode_threads}")
     started, started_at = time.perf_counter(), time.time()
     first_batch: list[float] = []  # [Unix time, images] once the first batch is through the model
     size = task.image_size
 
-    def decode(read: _Read) -> _Loaded:
-        record = read.record
-        if read.data is None:
-            return _Loaded(record.key, record.label, None, read.error, read.read_s)
+    def load(record: Record) -> _Loaded:
+        if record.error:
+            return _Loaded(record.key, record.label, None, record.error)
         t0 = time.perf_counter()
         try:
-            pixels = decode_image(read.data, size)
+            data = record.load()
+        except Exception as exc:  # noqa: BLE001 - an unreadable object is that image's error, not the shard's
+            return _Loaded(record.key, record.label, None, f"cannot read: {storage.describe_error(exc)}",
+                           time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        try:
+            pixels = decode_image(data, size)
         except DecodeError as exc:
-            return _Loaded(record.key, record.label, None, str(exc), read.read_s, time.perf_counter() - t0)
-        return _Loaded(record.key, record.label, pixels, None, read.read_s, time.perf_counter() - t0)
+            return _Loaded(record.key, record.label, None, str(exc), t1 - t0, time.perf_counter() - t1)
+        return _Loaded(record.key, record.label, pixels, None, t1 - t0, time.perf_counter() - t1)
 
     keys: list[str] = []
     labels: list[str | None] = []
@@ -175,14 +156,10 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             collect(*pending.popleft())
 
     read_start = time.perf_counter()
-    # Images handed to the decoders ahead of the model (up to batches_in_flight batches ahead); reads run at most
-    # read_threads further ahead, so bytes held stay bounded too.
     in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
-    read_pool, decode_pool = thread_pool("read", read_threads), thread_pool("decode", decode_threads)
-    model_pool = thread_pool("model", 1)
-    reads = bounded_map(read_pool, read_record, iter_records(shard), in_flight=read_threads)
+    pool, model_pool = thread_pool("decode", decode_threads), thread_pool("model", 1)
     try:
-        for item in bounded_map(decode_pool, decode, reads, in_flight=in_flight):
+        for item in bounded_map(pool, load, iter_records(shard), in_flight=in_flight):
             timing["read"] += item.read_s
             timing["decode"] += item.decode_s
             if item.error is not None:
@@ -195,8 +172,7 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             submit_batch(model_pool)
         while pending:
             collect(*pending.popleft())
-    finally:  # a failed shard: no reads left queued, and its batches on the model thread finish first
-        reads.close()
+    finally:  # a failed shard: let its batches on the model thread finish before the next shard's
         for future, _ in pending:
             future.cancel()
         for future, _ in pending:

@@ -1,4 +1,4 @@
-"""worker.process_shard's threads: reads on I/O threads, decoding on decode threads running ahead of the model.
+"""worker.process_shard's threads: reads and decodes on the decode threads, running ahead of the model.
 No Ray, no TensorFlow: the model is a numpy stand-in that takes measurable time."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_decoding_runs_ahead_while_the_model_computes(shard, timed_decode, tmp_p
     assert overlaps(timed_decode) > 0  # 50 ms batches while 5 ms decodes fill a window of 3 batches
 
 
-def test_reads_run_on_read_threads_and_decodes_on_decode_threads(shard, monkeypatch, tmp_path: Path) -> None:
+def test_reads_and_decodes_run_on_the_decode_threads(shard, monkeypatch, tmp_path: Path) -> None:
     threads: dict[str, set[str]] = {"read": set(), "decode": set()}
     plain_records, plain_decode = worker.iter_records, worker.decode_image
 
@@ -98,11 +98,9 @@ def test_reads_run_on_read_threads_and_decodes_on_decode_threads(shard, monkeypa
     monkeypatch.setattr(worker, "iter_records", records)
     monkeypatch.setattr(worker, "decode_image", decode)
     output = OutputDataset(str(tmp_path / "out"))
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", decode_threads=2,
-                                 read_threads=3)
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", decode_threads=2)
     assert stats.rows == 20 and stats.seconds["read"] > 0 and stats.seconds["decode"] > 0
-    assert threads["read"] and all(name.startswith("read") for name in threads["read"])
-    assert threads["decode"] and all(name.startswith("decode") for name in threads["decode"])
+    assert threads["read"] and all(name.startswith("decode") for name in threads["read"] | threads["decode"])
 
 
 def test_an_unreadable_image_is_an_error_row_and_the_rest_go_on(shard, monkeypatch, tmp_path: Path) -> None:
@@ -126,7 +124,9 @@ def test_an_unreadable_image_is_an_error_row_and_the_rest_go_on(shard, monkeypat
     assert len(errors) == 1 and errors[0]["error"] == "cannot read: OSError: connection reset"
 
 
-def test_thread_counts_are_checked(shard, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least 1, got 0 and 2"):
-        worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), OutputDataset(str(tmp_path / "o")), "f",
-                             decode_threads=2, read_threads=0)
+def test_a_task_whose_batch_size_is_undecided_is_refused(shard, tmp_path: Path) -> None:
+    class Undecided(Task):
+        batch_size = None
+
+    with pytest.raises(ValueError, match="batch size must be decided"):
+        worker.process_shard(shard, Undecided(), SlowMeanColour(0.0, []), OutputDataset(str(tmp_path / "o")), "f")
