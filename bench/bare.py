@@ -17,7 +17,10 @@ def bare_images_per_second(backbone: str, size: int, batch: int, precision: str,
                            jit_compile: bool = False) -> dict[str, float]:
     import tensorflow as tf
 
-    from cnnbatch.embed import ModelSpec, build_model
+    from cnnbatch.embed import ModelSpec, build_model, quiet_idle_threads
+
+    if not tf.config.list_physical_devices("GPU"):
+        quiet_idle_threads(tf)  # the runtime settings an actor's Embedder uses
     from cnnbatch.weights import DEFAULT_RANDOM_SEED, WeightsRef
 
     spec = ModelSpec(backbone, size, WeightsRef("random", seed=DEFAULT_RANDOM_SEED), precision)

@@ -158,6 +158,33 @@ def share_gpus(tf: Any) -> None:
             pass
 
 
+def quiet_idle_threads(tf: Any) -> bool:
+    """On a CPU, let TensorFlow's thread pools sleep as soon as they run out of work instead of spinning first, so
+    that the moments they wait (between ops, at each op's barrier) go to the decode threads sharing their cores.
+
+    Measured with the worker alone (decode threads + model, 400 JPEGs at 160 px, 5 interleaved pairs of processes,
+    26 Nov 2026): 0.971 of the bare model against 0.962 with spinning (ahead in 4 of 5); the bare model itself ran
+    as fast either way. Must run before TensorFlow's runtime starts; returns whether it took effect. There is no
+    public setter for this ConfigProto field, hence the eager context's own attribute.
+    """
+    try:
+        from tensorflow.core.protobuf import config_pb2
+        from tensorflow.python.eager import context
+
+        ctx = context.context()
+        if ctx._context_handle is not None:  # already started: keep its settings
+            return False
+        config = config_pb2.ConfigProto()
+        if ctx._config is not None:
+            config.CopyFrom(ctx._config)
+        config.experimental.disable_thread_spinning = True
+        ctx._config = config
+        return True
+    except (ImportError, AttributeError):  # another TensorFlow's internals: run with its defaults
+        log.debug("cannot turn TensorFlow's thread spinning off", exc_info=True)
+        return False
+
+
 class Embedder:
     """Backbone features for a batch of uint8 images: ``{"image": (N, S, S, 3) uint8, ...} -> {..., "embedding"}``."""
 
@@ -165,6 +192,8 @@ class Embedder:
         import tensorflow as tf
 
         share_gpus(tf)
+        if not tf.config.list_physical_devices("GPU"):
+            quiet_idle_threads(tf)
         self.spec = spec
         self.backbone = spec.backbone_spec
         self.image_size = self.backbone.check_size(spec.image_size)

@@ -57,3 +57,24 @@ def test_embedder_rejects_wrong_input_with_expected_and_got() -> None:
     embedder = Embedder(ModelSpec("vgg16", 32, WeightsRef("random", seed=1)))
     with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 32, 32, 3\), got float32"):
         embedder.embed(np.zeros((1, 32, 32, 3), np.float32))
+
+
+def test_a_cpu_embedder_turns_tensorflow_thread_spinning_off_before_the_runtime_starts() -> None:
+    """In a fresh process (TensorFlow's runtime settings are fixed once it starts): the Embedder sets it, and a
+    runtime already started is left as it is."""
+    import subprocess
+    import sys
+
+    script = (
+        "from tensorflow.python.eager import context\n"
+        "import tensorflow as tf\n"
+        "from cnnbatch.embed import Embedder, ModelSpec, quiet_idle_threads\n"
+        "from cnnbatch.weights import WeightsRef\n"
+        "embedder = Embedder(ModelSpec('vgg16', 32, WeightsRef('random', seed=1), 'float32'))\n"
+        "print(context.context().config.experimental.disable_thread_spinning, quiet_idle_threads(tf),\n"
+        "      embedder.embed(__import__('numpy').zeros((2, 32, 32, 3), 'uint8')).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "True False (2, 512)"
