@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.monitor import SAMPLE_SECONDS
+
 # Dense tensor-core peaks of the H100 SXM5 (NVIDIA's datasheet, without sparsity), TFLOP/s.
 H100_PEAK_TFLOPS = {"float16": 989.4, "tf32": 494.7, "float32": 66.9}
 GFLOPS_PER_IMAGE = {("vgg16", 224): 30.7, ("inceptionv3", 299): 11.4}  # cnnbatch plan computes the same figures
@@ -198,8 +200,8 @@ def decode_section(r: dict[str, Any]) -> list[str]:
 def memory_section(r: dict[str, Any]) -> list[str]:
     p4 = r["p4"]
     out = ["## Memory (P4)", "",
-           f"Peak RSS sampled every 0.2 s over the job's process tree, at {p4['n']} and {p4['big_n']} images "
-           f"(shards of {r['config']['shard_size']}): the driver lists lazily and keeps a bounded window of shards; "
+           f"Peak RSS sampled every {SAMPLE_SECONDS:g} s over the job's process tree, at {p4['n']} and "
+           f"{p4['big_n']} images (shards of {r['config']['shard_size']}): the driver lists lazily and keeps a bounded window of shards; "
            "an actor holds one shard's outputs and a bounded number of decoded images.", "",
            "| process | peak RSS, N (MB) | peak RSS, 10·N (MB) | ratio |", "|---|---:|---:|---:|"]
     for role, what in (("driver", "driver"), ("worker", "worker (the actor)"),
@@ -255,6 +257,10 @@ def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str
             "sharing the GPU did 2,686 and 3,129 images/s with it against 4,031 and 3,690 without, one process "
             "1,183 and 1,126 against 1,278 and 1,252: more threads contending for the GIL. Each decode thread "
             "reads its own image.",
+            "- CPU actors start TensorFlow with thread spinning off (embed.quiet_idle_threads; the bare figures "
+            "here use the same setting): its pools sleep as soon as they run out of work, and the decode threads get "
+            "those moments. Worker alone, 400 JPEGs at 160 px, 5 interleaved pairs of processes (26 Nov 2026): 0.971 "
+            "of the bare model against 0.962 with spinning, ahead in 4 of 5; the bare model ran as fast either way.",
             "- Not kept: decoding and the model taking turns on CPU actors (decodes wait while the model computes). "
             "Inside a Ray actor (`python -m bench.decode_gate_ab --ray`, 26 Nov 2026, 3 rounds, medians): bare "
             "27.8 images/s; decoding alongside 26.9, the model itself at 27.0; taking turns 26.6, the model at 27.6 "
