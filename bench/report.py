@@ -97,10 +97,11 @@ def unmet_notes(r: dict[str, Any]) -> list[str]:
         notes.append(
             f"- **P1 is not met in this run** at {r['config']['image_size']} px ({r['p1']['ratio']:.3f}; at "
             f"{r['p1_default_size']['image_size']} px {r['p1_default_size']['ratio']:.3f}). The worker alone, "
-            f"without Ray, reaches {r['worker_in_flight']['worker_over_bare']:.3f} of the bare model, and the Ray job "
-            "runs as fast as the worker alone: what is missing is JPEG decoding sharing the two cores with the "
-            "model (inside an actor the model runs at 0.97 of its bare speed while decoding runs alongside; making "
-            "them take turns costs more in waiting). Details under Throughput and The fast path.")
+            f"without Ray, reaches {r['worker_in_flight']['worker_over_bare']:.3f} of the same model bare in its "
+            "process (uint8 in, preprocessing inside the compiled call, which itself costs ~1.3% against the bare "
+            "backbone P1 divides by). What is missing is JPEG decoding sharing the two cores with the model: "
+            "1.7-2.0 ms of a core per image, ~2.7% of the model's time per image at this size, which 2 cores can only "
+            "give by taking it from the model. Details under Throughput and The fast path.")
     if r["p2"]["bf16_ratio"] < 1.8:
         notes.append("- **P2 at bfloat16 is not met** in this run; see Throughput.")
     if r["p2"]["fp32_ratio"] < 1.1:
@@ -147,7 +148,9 @@ def throughput_section(r: dict[str, Any]) -> list[str]:
             f"runs: {_fmt(d['images_per_second'])} images/s = {p1['difference_ratio']:.3f} of bare (start-up "
             f"{_fmt(d['startup_seconds'])} s; noisier, since start-up varies by seconds between runs here).",
             f"- Where the rest goes. The worker alone (worker.process_shard in one process, no Ray, same model and "
-            f"images) reaches {r['worker_in_flight']['worker_over_bare']:.3f} of that model bare; side by side "
+            f"images) reaches {r['worker_in_flight']['worker_over_bare']:.3f} of that model (embed.Embedder: uint8 in, "
+            "cast and preprocessing inside the compiled call) bare in the same process; that Embedder runs at ~0.987 "
+            "of the bare backbone on preprocessed float32 (5 interleaved rounds, 26 Nov 2026). Side by side "
             "(`python -m bench.ray_vs_worker`, three interleaved rounds; medians 27.5 and 27.6 images/s on 550 "
             "images, 25 Nov 2026) the Ray job matched the worker alone. Ray's own processes used "
             f"{r['cpu_seconds_10n'].get('ray', 0.0):.1f} CPU-seconds during the {big}-image job "
