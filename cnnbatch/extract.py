@@ -49,7 +49,8 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         get_backbone(self.backbone)
-        require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.batch_size is None or self.batch_size >= 1,
+                f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0,

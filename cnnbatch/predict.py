@@ -78,7 +78,8 @@ class PredictConfig:
                 require(scheme in SCHEMES, f"--image-url takes an http or https URL, got {scheme or 'no'} scheme "
                                            f"in {storage.redact(self.image_url)!r}; use --image for files and buckets")
         require(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
-        require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.batch_size is None or self.batch_size >= 1,
+                f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
