@@ -9,7 +9,8 @@ is handed its next batch as soon as it finishes one (docs/benchmarks.md has the 
 Each decode thread reads its image, then decodes it. Two alternatives were measured and not kept: reads on their
 own 16 I/O threads ahead of the decoders (on the H200 node, 4 actors sharing the GPU: 2,686 and 3,129 images/s
 against 4,031 and 3,690 as here; one actor 1,183 and 1,126 against 1,278 and 1,252: more threads contending for the
-GIL), and on CPU actors, decodes waiting while the model computes (bench/decode_gate_ab.py: a wash).
+GIL; bench/gpu_read_threads_ab.json), and on CPU actors, decodes waiting while the model computes
+(bench/decode_gate_ab.py: a wash).
 """
 
 from __future__ import annotations
