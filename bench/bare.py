@@ -20,7 +20,7 @@ def bare_images_per_second(backbone: str, size: int, batch: int, precision: str,
     from cnnbatch.embed import ModelSpec, build_model, quiet_idle_threads
 
     if not tf.config.list_physical_devices("GPU"):
-        quiet_idle_threads(tf)  # the runtime settings an actor's Embedder uses
+        quiet_idle_threads()  # the runtime settings an actor's Embedder uses
     from cnnbatch.weights import DEFAULT_RANDOM_SEED, WeightsRef
 
     spec = ModelSpec(backbone, size, WeightsRef("random", seed=DEFAULT_RANDOM_SEED), precision)

@@ -158,7 +158,7 @@ def share_gpus(tf: Any) -> None:
             pass
 
 
-def quiet_idle_threads(tf: Any) -> bool:
+def quiet_idle_threads() -> bool:
     """On a CPU, let TensorFlow's thread pools sleep as soon as they run out of work instead of spinning first, so
     that the moments they wait (between ops, at each op's barrier) go to the decode threads sharing their cores.
 
@@ -193,7 +193,7 @@ class Embedder:
 
         share_gpus(tf)
         if not tf.config.list_physical_devices("GPU"):
-            quiet_idle_threads(tf)
+            quiet_idle_threads()
         self.spec = spec
         self.backbone = spec.backbone_spec
         self.image_size = self.backbone.check_size(spec.image_size)

@@ -71,7 +71,7 @@ def test_a_cpu_embedder_turns_tensorflow_thread_spinning_off_before_the_runtime_
         "from cnnbatch.embed import Embedder, ModelSpec, quiet_idle_threads\n"
         "from cnnbatch.weights import WeightsRef\n"
         "embedder = Embedder(ModelSpec('vgg16', 32, WeightsRef('random', seed=1), 'float32'))\n"
-        "print(context.context().config.experimental.disable_thread_spinning, quiet_idle_threads(tf),\n"
+        "print(context.context().config.experimental.disable_thread_spinning, quiet_idle_threads(),\n"
         "      embedder.embed(__import__('numpy').zeros((2, 32, 32, 3), 'uint8')).shape)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
