@@ -73,8 +73,8 @@ def markdown(r: dict[str, Any], gpu: dict[str, Any] | None, chart_name: str) -> 
             f"Settings: VGG16 without top + global average pooling, {c['image_size']}x{c['image_size']} px, batch "
             f"{c['batch_size']}, one actor, shards of {c['shard_size']} images; inputs are generated photo-like "
             "500x375 JPEGs (quality 90, ~70 KB: ImageNet's typical size), and 2048x1536 (3.1 MP) ones for P3. "
-            f"Repeats interleaved, best of {c['repeats']} kept. "
-            f"The bench took {r['bench_seconds'] / 60:.1f} minutes.",
+            f"Repeats interleaved, best of {c['repeats']} kept. " + bare_windows(c) +
+            f" The bench took {r['bench_seconds'] / 60:.1f} minutes.",
             "", "## Machine", "",
             f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB; bf16 instructions: "
             f"{', '.join(m['bf16']) or 'none'} (`--precision auto` resolved to **{r['auto_precision']}** here)",
@@ -90,6 +90,14 @@ def markdown(r: dict[str, Any], gpu: dict[str, Any] | None, chart_name: str) -> 
     return "\n".join(out) + "\n"
 
 
+def bare_windows(c: dict[str, Any]) -> str:
+    """How long the bare runs measured: the ones P1 divides by about as long as the jobs' steady state."""
+    return (f"The bare runs P1 divides by measure {c['p1_bare_seconds']:.0f} s ({c['image_size']} px) and "
+            f"{c['default_size_bare_seconds']:.0f} s ({c['default_size']} px), about as long as the steady state of "
+            f"the jobs they are compared with; the others {c['bare_seconds']:.0f} s. (The best of two 10 s windows, "
+            "as before 26 Nov 2026, flattered the denominator: 10 s windows of one bare run range over ~3% here.)")
+
+
 def unmet_notes(r: dict[str, Any]) -> list[str]:
     """Why a goal is not met here, in the reader's first screen."""
     notes = []
@@ -98,10 +106,10 @@ def unmet_notes(r: dict[str, Any]) -> list[str]:
             f"- **P1 is not met in this run** at {r['config']['image_size']} px ({r['p1']['ratio']:.3f}; at "
             f"{r['p1_default_size']['image_size']} px {r['p1_default_size']['ratio']:.3f}). The worker alone, "
             f"without Ray, reaches {r['worker_in_flight']['worker_over_bare']:.3f} of the same model bare in its "
-            "process (uint8 in, preprocessing inside the compiled call, which itself costs ~1.3% against the bare "
-            "backbone P1 divides by). What is missing is JPEG decoding sharing the two cores with the model: "
-            "1.7-2.0 ms of a core per image, ~2.7% of the model's time per image at this size, which 2 cores can only "
-            "give by taking it from the model. Details under Throughput and The fast path.")
+            f"process, and {r['worker_in_flight']['predecoded_over_bare']:.3f} with its images decoded ahead: what "
+            "is missing is JPEG decoding sharing the two cores with the model, 1.7-2.0 ms of a core per image, "
+            "~2.7% of the model's time per image at this size, which 2 cores can only give by taking it from the "
+            "model. Details under Throughput and The fast path.")
     if r["p2"]["bf16_ratio"] < 1.8:
         notes.append("- **P2 at bfloat16 is not met** in this run; see Throughput.")
     if r["p2"]["fp32_ratio"] < 1.1:
@@ -120,12 +128,21 @@ def unmet_notes(r: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _windows(r: dict[str, Any], run: str) -> str:
+    """Each bare run's images/s and window, e.g. ``28.9, 29.2 images/s over 45 s``."""
+    runs = r["runs"].get(run, [])
+    results = [x["result"] for x in runs if "images_per_second" in x.get("result", {})]
+    rates = ", ".join(_fmt(result["images_per_second"]) for result in results)
+    seconds = [result["seconds"] for result in results]
+    return f"{rates} over {min(seconds):.0f} s" if rates and seconds else "the runs below"
+
+
 def throughput_section(r: dict[str, Any]) -> list[str]:
     s, b, c = r["steady"], r["bare"], r["config"]
     big, p2 = c["n"] * c["memory_scale"], c["p2_images"]
     rows = [
-        ("bare compiled backbone, bfloat16", b["vgg16_bf16"]),
-        ("bare compiled backbone, float32", b["vgg16_fp32"]),
+        (f"bare compiled backbone, bfloat16 (best of {_windows(r, 'bare-bf16')})", b["vgg16_bf16"]),
+        (f"bare compiled backbone, float32 (best of {_windows(r, 'bare-fp32')})", b["vgg16_fp32"]),
         (f"cnnbatch extract, bfloat16, {big} images ({big // c['shard_size']} shards)", s["cnnbatch_bf16"]),
         (f"cnnbatch extract, bfloat16, {p2} images", s["cnnbatch_bf16_p2"]),
         (f"cnnbatch extract, float32, {p2} images", s["cnnbatch_fp32_p2"]),
@@ -149,8 +166,11 @@ def throughput_section(r: dict[str, Any]) -> list[str]:
             f"{_fmt(d['startup_seconds'])} s; noisier, since start-up varies by seconds between runs here).",
             f"- Where the rest goes. The worker alone (worker.process_shard in one process, no Ray, same model and "
             f"images) reaches {r['worker_in_flight']['worker_over_bare']:.3f} of that model (embed.Embedder: uint8 in, "
-            "cast and preprocessing inside the compiled call) bare in the same process; that Embedder runs at ~0.987 "
-            "of the bare backbone on preprocessed float32 (5 interleaved rounds, 26 Nov 2026). Side by side "
+            "cast and preprocessing inside the compiled call) bare in the same process, and "
+            f"{r['worker_in_flight']['predecoded_over_bare']:.3f} when its images are decoded ahead and looked up "
+            "(everything but decoding: threads, batching, Parquet); the Embedder runs at "
+            f"{r['worker_in_flight']['bare_over_backbone']:.3f} of the backbone on preprocessed float32 tensors "
+            "(what P1's bare run feeds it; bench/worker_ab.py, one process, interleaved). Side by side "
             "(`python -m bench.ray_vs_worker`, three interleaved rounds; medians 27.5 and 27.6 images/s on 550 "
             "images, 25 Nov 2026) the Ray job matched the worker alone. Ray's own processes used "
             f"{r['cpu_seconds_10n'].get('ray', 0.0):.1f} CPU-seconds during the {big}-image job "

@@ -100,8 +100,12 @@ class _Loaded:
 
 
 def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDataset, fingerprint: str,
-                  decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT) -> ShardStats:
-    """Process one shard and write its part, errors and stats. Raises only for whole-shard failures."""
+                  decode_threads: int = 2, batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT,
+                  decode: Callable[[bytes, int], np.ndarray] = decode_image) -> ShardStats:
+    """Process one shard and write its part, errors and stats. Raises only for whole-shard failures.
+
+    ``decode`` turns an image's bytes into its ``(size, size, 3)`` uint8 pixels or raises :class:`DecodeError`
+    (bench/worker_ab.py swaps in a lookup of pixels decoded ahead, to weigh decoding's share of the run)."""
     if batches_in_flight < 1:
         raise ValueError(f"batches_in_flight must be at least 1, got {batches_in_flight}")
     if task.batch_size is None or task.batch_size < 1:
@@ -122,7 +126,7 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
                            time.perf_counter() - t0)
         t1 = time.perf_counter()
         try:
-            pixels = decode_image(data, size)
+            pixels = decode(data, size)
         except DecodeError as exc:
             return _Loaded(record.key, record.label, None, str(exc), t1 - t0, time.perf_counter() - t1)
         return _Loaded(record.key, record.label, pixels, None, t1 - t0, time.perf_counter() - t1)

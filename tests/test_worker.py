@@ -12,6 +12,7 @@ import pytest
 
 from bench.images import write_folder
 from cnnbatch import worker
+from cnnbatch.decode import decode_image
 from cnnbatch.output import OutputDataset, embeddings_table, feature_schema
 from cnnbatch.shards import list_shards
 
@@ -44,21 +45,18 @@ def shard(tmp_path: Path):
     return next(iter(list_shards(str(folder), shard_size=100)))
 
 
-@pytest.fixture()
-def timed_decode(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float, float]]:
-    """Every decode's interval (each made to take 5 ms, so that overlaps would show), on a shared clock."""
-    clock: list[tuple[str, float, float]] = []
-    plain = worker.decode_image
+class TimedDecode:
+    """decode_image, made to take 5 ms so that overlaps would show, recording each interval on a shared clock."""
 
-    def decode(data: bytes, size: int) -> np.ndarray:
+    def __init__(self) -> None:
+        self.clock: list[tuple[str, float, float]] = []
+
+    def __call__(self, data: bytes, size: int) -> np.ndarray:
         started = time.perf_counter()
         time.sleep(0.005)
-        pixels = plain(data, size)
-        clock.append(("decode", started, time.perf_counter()))
+        pixels = decode_image(data, size)
+        self.clock.append(("decode", started, time.perf_counter()))
         return pixels
-
-    monkeypatch.setattr(worker, "decode_image", decode)
-    return clock
 
 
 def overlaps(clock: list[tuple[str, float, float]]) -> int:
@@ -67,18 +65,19 @@ def overlaps(clock: list[tuple[str, float, float]]) -> int:
     return sum(1 for a, b in decodes for m_a, m_b in model if a < m_b and m_a < b)
 
 
-def test_decoding_runs_ahead_while_the_model_computes(shard, timed_decode, tmp_path: Path) -> None:
-    output = OutputDataset(str(tmp_path / "out"))
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.05, timed_decode), output, "f",
-                                 decode_threads=2, batches_in_flight=2)
+def test_decoding_runs_ahead_while_the_model_computes(shard, tmp_path: Path) -> None:
+    output, decode = OutputDataset(str(tmp_path / "out")), TimedDecode()
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.05, decode.clock), output, "f",
+                                 decode_threads=2, batches_in_flight=2, decode=decode)
     assert stats.rows == 20 and stats.errors == 0
-    assert sum(1 for kind, *_ in timed_decode if kind == "model") == 5
-    assert overlaps(timed_decode) > 0  # 50 ms batches while 5 ms decodes fill a window of 3 batches
+    assert sum(1 for kind, *_ in decode.clock if kind == "model") == 5
+    assert sum(1 for kind, *_ in decode.clock if kind == "decode") == 20  # the decode given was the one used
+    assert overlaps(decode.clock) > 0  # 50 ms batches while 5 ms decodes fill a window of 3 batches
 
 
 def test_reads_and_decodes_run_on_the_decode_threads(shard, monkeypatch, tmp_path: Path) -> None:
     threads: dict[str, set[str]] = {"read": set(), "decode": set()}
-    plain_records, plain_decode = worker.iter_records, worker.decode_image
+    plain_records = worker.iter_records
 
     def records(shard_):
         for record in plain_records(shard_):
@@ -93,12 +92,12 @@ def test_reads_and_decodes_run_on_the_decode_threads(shard, monkeypatch, tmp_pat
 
     def decode(data: bytes, size: int) -> np.ndarray:
         threads["decode"].add(threading.current_thread().name)
-        return plain_decode(data, size)
+        return decode_image(data, size)
 
     monkeypatch.setattr(worker, "iter_records", records)
-    monkeypatch.setattr(worker, "decode_image", decode)
     output = OutputDataset(str(tmp_path / "out"))
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", decode_threads=2)
+    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", decode_threads=2,
+                                 decode=decode)
     assert stats.rows == 20 and stats.seconds["read"] > 0 and stats.seconds["decode"] > 0
     assert threads["read"] and all(name.startswith("decode") for name in threads["read"] | threads["decode"])
 
