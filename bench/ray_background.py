@@ -28,7 +28,8 @@ def busy_cores(seconds: float) -> float:
         idle = values[3] + values[4]  # idle + iowait
         return sum(values) - idle, sum(values)
 
-    (busy0, total0), _ = sample(), time.sleep(seconds)
+    busy0, total0 = sample()
+    time.sleep(seconds)
     busy1, total1 = sample()
     return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
 
