@@ -22,7 +22,7 @@ COPY cnnbatch ./cnnbatch
 COPY jobs ./jobs
 # The project's own version ranges live in pyproject.toml; Ray is pinned exactly to match the manifests.
 # hadolint ignore=DL3013
-RUN pip install ".[gpu,s3,gcs]" "ray[data,default]==${RAY_VERSION}"
+RUN pip install ".[gpu,s3,gcs]" "ray[default]==${RAY_VERSION}"
 
 FROM ${PYTHON_IMAGE}
 ARG RAY_VERSION=2.60.0

@@ -32,7 +32,7 @@ IMAGE ?=
 PREDICT_INPUT = $(if $(filter file,$(origin INPUT)),$(DATA)/sample/holdout,$(INPUT))
 PREDICT_OUTPUT = $(if $(filter file,$(origin OUTPUT)),$(DATA)/predictions,$(OUTPUT))
 
-.PHONY: help install demo test extract validate-k8s predict train ray-head ray-stop submit-train
+.PHONY: help install demo test test-fast lint extract validate-k8s predict train ray-head ray-stop submit-train
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,8 +48,15 @@ install: $(STAMP) ## create .venv with the project and its test extras
 demo: install ## the whole pipeline on a generated sample, offline: extract -> train -> predict -> report
 	$(PY) -m cnnbatch.demo --root $(DATA)
 
-test: install validate-k8s ## run the whole test suite (the Kubernetes manifests' validation first)
+test: install lint validate-k8s ## lint, validate the Kubernetes manifests, then run the whole test suite
 	$(PY) -m pytest
+
+test-fast: install ## the unit tests: no Ray cluster, no model fits (under a minute)
+	$(PY) -m pytest -m "not integration" -q
+
+lint: install ## ruff (lint + import order) and mypy on cnnbatch/
+	$(VENV)/bin/ruff check cnnbatch jobs tests bench k8s
+	$(VENV)/bin/mypy
 
 validate-k8s: install ## validate the manifests in k8s/ offline (core kinds strictly; KubeRay CRDs from ../shared)
 	$(PY) k8s/validate.py

@@ -460,7 +460,7 @@ def test_image_ray_version_matches_the_manifests() -> None:
     assert len(versions) == 1
     (ray_version,) = versions
     installs = [arguments for keyword, arguments in instructions if keyword == "RUN" and "pip install" in arguments]
-    assert any('"ray[data,default]==${RAY_VERSION}"' in run for run in installs)
+    assert any('"ray[default]==${RAY_VERSION}"' in run for run in installs)
     assert any('".[gpu,s3,gcs]"' in run for run in installs)
 
     manifest_versions = set()
