@@ -17,7 +17,8 @@ def bare_images_per_second(backbone: str, size: int, batch: int, precision: str,
                            jit_compile: bool = False) -> dict[str, float]:
     import tensorflow as tf
 
-    from cnnbatch.embed import ModelSpec, build_model, quiet_idle_threads
+    from cnnbatch.embed import ModelSpec, build_model
+    from cnnbatch.tfruntime import quiet_idle_threads
 
     if not tf.config.list_physical_devices("GPU"):
         quiet_idle_threads()  # the runtime settings an actor's Embedder uses

@@ -137,7 +137,7 @@ def main() -> None:
     if args.ray:
         import ray
 
-        from cnnbatch.pipeline import init_ray
+        from cnnbatch.cluster import init_ray
 
         os.environ.setdefault("RAY_worker_niceness", "0")  # the same priority as this process
         init_ray()

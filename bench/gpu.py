@@ -112,6 +112,10 @@ class KerasShardTask:
     batch_size: int
     wrapper: Any
     dim: int
+    views: int = 1
+
+    def variants(self, key: str, pixels: np.ndarray) -> np.ndarray:
+        return pixels[np.newaxis]
 
     def make_model(self) -> Any:
         def embed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,9 +125,9 @@ class KerasShardTask:
 
     def make_table(self, model: Any, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> Any:
-        from cnnbatch.output import embeddings_table, feature_schema
+        from cnnbatch.extract import embeddings_table, feature_schema
 
-        return embeddings_table(keys, labels, outputs["embedding"], feature_schema(self.dim, {"bench": "gpu"}))
+        return embeddings_table(keys, labels, outputs["embedding"][:, 0], feature_schema(self.dim, {"bench": "gpu"}))
 
 
 def e2e_rate(wrapper: Any, name: str, size: int, batch: int, folder: Path, work: Path,

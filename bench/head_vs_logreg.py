@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cnnbatch.head import TRAIN, VALIDATION, encode_labels, key_hashes, stratified_split  # noqa: E402
-from cnnbatch.output import SUCCESS_FILE, embeddings_table, feature_schema, table_to_parquet_bytes  # noqa: E402
+from cnnbatch.extract import embeddings_table, feature_schema
+from cnnbatch.output import SUCCESS_FILE
+from cnnbatch.parquetio import table_to_parquet_bytes  # noqa: E402
 
 log = logging.getLogger("bench")
 TEST_FRACTION = 0.2
@@ -168,7 +170,7 @@ def read_features(uri: str) -> tuple[np.ndarray, list[str | None], list[str], di
     table = dataset.to_table()
     dim = table.schema.field("embedding").type.list_size
     x = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    from cnnbatch.output import read_metadata
+    from cnnbatch.parquetio import read_metadata
 
     return x, table.column("label").to_pylist(), table.column("key").to_pylist(), read_metadata(dataset.schema)
 
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-per-class", type=int, default=300, help="demo sample images per class")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "head_vs_logreg.json"))
     args = parser.parse_args(argv)
-    from cnnbatch.cli import setup_logging
+    from cnnbatch.logs import setup_logging
 
     setup_logging("WARNING")
     import tensorflow as tf

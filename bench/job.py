@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from cnnbatch.cli import setup_logging
+from cnnbatch.logs import setup_logging
 from cnnbatch.extract import ExtractConfig, run_extract
 
 

@@ -49,7 +49,7 @@ def main() -> None:
     os.environ.update(measured_env())  # the priority and settings of the bench's other runs
     import ray
 
-    from cnnbatch.pipeline import init_ray
+    from cnnbatch.cluster import init_ray
 
     rates: dict[str, list[float]] = {"alone": [], "beside_idle_ray": []}
     idle: list[float] = []

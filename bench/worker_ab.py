@@ -20,7 +20,8 @@ import numpy as np
 from cnnbatch.decode import decode_image
 from cnnbatch.embed import Embedder, ModelSpec
 from cnnbatch.extract import ExtractTask, feature_metadata
-from cnnbatch.output import OutputDataset, ShardStats
+from cnnbatch.output import OutputDataset
+from cnnbatch.shardstats import ShardStats
 from cnnbatch.shards import Shard, iter_records, list_shards
 from cnnbatch.weights import DEFAULT_RANDOM_SEED, WeightsRef
 from cnnbatch.worker import decode_threads_for, process_shard

@@ -1,4 +1,5 @@
-"""``cnnbatch <job> ...`` and ``python -m jobs.<job> ...``: one parser per job, built from its config dataclass.
+"""The ``cnnbatch`` command and the ``python -m jobs.<job>`` entrypoints: one parser per job, built from its
+config dataclass (config.py), so both parse the same flags.
 
 Exit status: 0 when every shard is done; 1 when the job ran but something failed (shards, storage, weights);
 2 for bad arguments. Errors are one line on stderr, naming what was expected and what was found.
@@ -9,14 +10,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .config import add_arguments, from_namespace
+from .logs import setup_logging
 
 log = logging.getLogger("cnnbatch")
+
+DESCRIPTION = """CNN features for buckets of images on a Ray cluster: extract VGG16 / InceptionV3 feature vectors
+into Parquet, train a classifier head on them, fine-tune the backbone, and label new images in bulk or one at a
+time. Start with `cnnbatch plan --input URI` (what a run would cost), then `cnnbatch extract --input URI --output
+URI`; `cnnbatch JOB --help` lists a job's flags. Without RAY_ADDRESS each job starts a local Ray."""
+EPILOG = "Exit status: 0 success, 1 the job failed (storage, weights, shards), 2 bad arguments. See README.md."
 
 
 @dataclass(frozen=True)
@@ -44,35 +52,8 @@ JOBS: dict[str, Job] = {
 }
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a record is emitted (a redirected or captured stream), so a
-    handler installed once never writes to a stream that has since been closed."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201 - logging's own attribute
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:  # logging.StreamHandler.__init__ assigns it; sys.stderr always wins
-        pass
-
-
-def setup_logging(level: str | None = None) -> None:
-    level = (level or os.environ.get("CNNBATCH_LOG_LEVEL") or "INFO").upper()
-    root = logging.getLogger()
-    if not any(getattr(h, "_cnnbatch", False) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        handler._cnnbatch = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    logging.getLogger("cnnbatch").setLevel(level)
-    root.setLevel(logging.WARNING)
-    # TensorFlow's C++ start-up chatter says nothing a user can act on.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnbatch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cnnbatch", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     for job in JOBS.values():
@@ -86,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .modelio import ModelError
     from .output import OutputError
-    from .pipeline import WorkerStartError
+    from .pool import WorkerStartError
     from .shards import InputError
     from .storage import StorageError
     from .weights import WeightsError

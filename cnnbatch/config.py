@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def from_namespace(cls: type[C], namespace: argparse.Namespace) -> C:
+def from_namespace(cls: Any, namespace: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(namespace).items() if k in names}
     for field in dataclasses.fields(cls):

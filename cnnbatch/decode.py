@@ -18,6 +18,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # Ask libjpeg for at least this multiple of the target size, so that the final bilinear resize still does the
 # anti-aliasing and features stay within cosine 0.9995 of a full decode.
 DRAFT_OVERSAMPLE = 2
+# Bump when decoding changes what pixels reach the model: old outputs then no longer count as done.
+DECODE_VERSION = f"pillow-bilinear-exif-draft{DRAFT_OVERSAMPLE}-v1"
 
 
 class DecodeError(ValueError):
@@ -31,10 +33,11 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, u
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/palette details we handle anyway
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise DecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+                raise DecodeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                                  f"{max_pixels}")
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP/TIFF: the first frame
             if use_draft and image.format == "JPEG":

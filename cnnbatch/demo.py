@@ -11,8 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import setup_logging
 from .extract import ExtractConfig, run_extract
+from .logs import setup_logging
+from .pipeline import JobSummary
 from .predict import PredictConfig, run_predict
 from .sample import write_sample
 from .shards import folder_label
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     # overwrite: each demo run trains a new model, which is a new configuration for the predictions folder
     predicted = run_predict(PredictConfig(model=str(model), input=str(sample / "holdout"), output=str(predictions),
                                           top_k=2, batch_size=32, workers=1, overwrite=True))
-    if not predicted.ok:
+    if not isinstance(predicted, JobSummary) or not predicted.ok:
         print(f"demo: prediction failed: {predicted.line()}", file=sys.stderr)
         return 1
     correct, total = holdout_accuracy(predictions)

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from . import __version__, storage
-from .batching import auto_batch_size
+from . import storage
 from .backbones import BACKBONES, get_backbone
+from .batching import auto_batch_size
+from .cluster import default_gpus, resolve_precision_for_workers
 from .config import log_config, option, require, to_dict
-from .decode import DRAFT_OVERSAMPLE
-from .embed import PRECISIONS, Embedder, ModelSpec, resolve_precision_for_workers
-from .output import OutputDataset, embeddings_table, feature_schema
-from .pipeline import JobSummary, PoolOptions, fingerprint_of, run_sharded_job
+from .decode import DECODE_VERSION
+from .embed import Embedder, ModelSpec
+from .output import OutputDataset
+from .parquetio import with_metadata
+from .pipeline import JobSummary, fingerprint_of, run_sharded_job
+from .pool import PoolOptions
+from .precision import PRECISIONS
+from .versions import library_versions
 from .weights import DEFAULT_RANDOM_SEED, WeightsRef, resolve_weights
+from .worker import plain_variant
 
 log = logging.getLogger(__name__)
-
-# Bump when decoding changes what pixels reach the model: old outputs then no longer count as done.
-DECODE_VERSION = f"pillow-bilinear-exif-draft{DRAFT_OVERSAMPLE}-v1"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,20 @@ class ExtractConfig:
             get_backbone(self.backbone).check_size(self.image_size)
 
 
+def feature_schema(dim: int, metadata: dict[str, Any]) -> pa.Schema:
+    """The feature dataset's columns: ``key``, ``label``, ``embedding`` (``fixed_size_list<float32>[dim]``)."""
+    return with_metadata([("key", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+                         metadata)
+
+
+def embeddings_table(keys: list[str], labels: list[str | None], embeddings: np.ndarray,
+                     schema: pa.Schema) -> pa.Table:
+    dim = schema.field("embedding").type.list_size
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
+    vectors = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(labels, pa.string()), vectors], schema=schema)
+
+
 @dataclass(frozen=True)
 class ExtractTask:
     """Extraction as a :class:`~cnnbatch.worker.ShardTask`: the embedder plus the feature table layout."""
@@ -71,6 +87,10 @@ class ExtractTask:
     def image_size(self) -> int:
         return self.model.image_size
 
+    @property
+    def views(self) -> int:
+        return 1
+
     def make_model(self) -> Embedder:
         return Embedder(self.model)
 
@@ -79,29 +99,16 @@ class ExtractTask:
             return self
         return replace(self, batch_size=auto_batch_size(model.model, self.model.precision, gpu_share))
 
+    def variants(self, key: str, pixels: np.ndarray) -> np.ndarray:
+        return plain_variant(pixels)
+
     def make_table(self, model: Embedder, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> pa.Table:
         metadata = dict(self.metadata)
         metadata["weights"] = {**metadata["weights"], "sha256": model.weights_sha256}
         schema = feature_schema(model.feature_dim, metadata)
-        embeddings = outputs.get("embedding", np.zeros((0, model.feature_dim), np.float32))
-        return embeddings_table(keys, labels, embeddings, schema)
-
-
-def library_versions() -> dict[str, str]:
-    import fsspec
-    import PIL
-
-    versions = {"cnnbatch": __version__, "python": platform.python_version(), "pyarrow": pa.__version__,
-                "numpy": np.__version__, "pillow": PIL.__version__, "fsspec": fsspec.__version__}
-    try:  # recorded without importing TensorFlow in the driver
-        from importlib.metadata import version
-
-        versions["tensorflow"] = version("tensorflow")
-        versions["keras"] = version("keras")
-    except Exception:  # noqa: BLE001 - a missing distribution only loses a metadata field
-        pass
-    return versions
+        embeddings = outputs.get("embedding", np.zeros((0, 1, model.feature_dim), np.float32))
+        return embeddings_table(keys, labels, embeddings[:, 0], schema)
 
 
 def feature_metadata(model: ModelSpec) -> dict[str, Any]:
@@ -126,26 +133,14 @@ def extraction_fingerprint(model: ModelSpec) -> str:
                            "decode": DECODE_VERSION, "precision": model.precision})
 
 
-def default_gpus_per_worker(requested: float | None) -> float:
-    """An explicit value wins; otherwise one GPU per actor when the cluster has any."""
-    if requested is not None:
-        return requested
-    import ray
-
-    from .pipeline import init_ray
-
-    init_ray()
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-
 def run_extract(config: ExtractConfig) -> JobSummary:
     log_config(config)
     backbone = get_backbone(config.backbone)
     size = backbone.check_size(config.image_size)
     storage.ensure_reachable(config.input, must_exist=True)
     weights: WeightsRef = resolve_weights(config.weights, backbone, seed=config.seed)
-    gpus = default_gpus_per_worker(config.gpus_per_worker)
-    model = ModelSpec(backbone.name, size, weights, resolve_requested_precision(config.precision, gpus))
+    gpus = default_gpus(config.gpus_per_worker)
+    model = ModelSpec(backbone.name, size, weights, resolve_precision_for_workers(config.precision, gpus))
     task = ExtractTask(model, config.batch_size, feature_metadata(model))
     recorded = to_dict(config) | {"weights_identity": weights.identity, "image_size": size,
                                   "precision": model.precision}
@@ -155,8 +150,3 @@ def run_extract(config: ExtractConfig) -> JobSummary:
         fingerprint=extraction_fingerprint(model), config=recorded,
         pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite,
     )
-
-
-def resolve_requested_precision(requested: str, gpus_per_worker: float) -> str:
-    """Resolve ``auto`` on a node where the actors run (see embed.resolve_precision_for_workers)."""
-    return resolve_precision_for_workers(requested, gpus_per_worker)

@@ -27,10 +27,12 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from . import storage
+from .versions import library_versions
 from .weights import WeightsRef
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class ModelInfo:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelInfo":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
         try:
             return cls(backbone=str(data["backbone"]), image_size=int(data["image_size"]),
                        weights=WeightsRef.from_dict(data["weights"]), feature_dim=int(data["feature_dim"]),
@@ -146,7 +148,7 @@ def write_model_folder(uri: str, head_model: Any, info: ModelInfo, metrics: Mapp
     }
     info = replace(info, files={name: sha256_bytes(data) for name, data in files.items()})
     manifest = {"format": MODEL_FORMAT, **info.to_dict(),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
     files[MANIFEST_FILE] = json.dumps(manifest, indent=1, sort_keys=True).encode()
     fs, path = storage.filesystem(uri)
     if storage.has_rename(fs):
@@ -191,12 +193,6 @@ def _write_object_store(fs: Any, path: str, files: Mapping[str, bytes]) -> None:
         if name != MANIFEST_FILE:
             storage.write_bytes_atomic(fs, storage.join(path, name), data)
     storage.write_bytes_atomic(fs, manifest_path, files[MANIFEST_FILE])
-
-
-def _versions() -> dict[str, str]:
-    from .extract import library_versions
-
-    return library_versions()
 
 
 def _json_default(value: Any) -> Any:

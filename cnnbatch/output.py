@@ -6,13 +6,14 @@ Layout of an output (features or predictions)::
     _errors/part-<shard>.parquet key + error for every input that could not be processed (possibly zero rows)
     _stats/<shard>.json          written last for a shard: its "done" marker (fingerprint, counts, timings)
     _cnnbatch.json               the configuration fingerprint the dataset was started with
-    _LOCK                        held by the run writing to the output (owner, heartbeat)
+    _LOCK                        held by the run writing to the output (owner, heartbeat; lock.py)
     _SUCCESS                     manifest written when every shard is done
     _FAILED                      written instead when shards failed (shard -> reason); removed by a full success
 
 A shard is done exactly when its stats record exists, names the current fingerprint and input signature, and
 its part file has the recorded size: a crash between the part and its stats leaves the shard to be redone.
 Names starting with ``_`` or ``.`` are ignored by pyarrow.dataset and by DuckDB globs over ``*.parquet``.
+What the part files hold is each job's own business (its task's schema); this module only places them.
 """
 
 from __future__ import annotations
@@ -21,19 +22,16 @@ import json
 import logging
 import os
 import re
-import socket
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-import fsspec
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import storage
+from .lock import LockHeld, OutputLock
+from .parquetio import errors_table, table_to_parquet_bytes
+from .shardstats import ShardStats
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +41,6 @@ FAILED_FILE = "_FAILED"
 LOCK_FILE = "_LOCK"
 ERRORS_DIR = "_errors"
 STATS_DIR = "_stats"
-METADATA_KEY = b"cnnbatch"
-ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("error", pa.string())])
-# A lock not refreshed for this long belongs to a dead run and may be taken over; the holder refreshes it from a
-# background thread every LOCK_HEARTBEAT_SECONDS, so only a dead (or frozen) driver lets it go stale.
-LOCK_STALE_SECONDS = 300
-LOCK_HEARTBEAT_SECONDS = 30
 # What write_bytes_atomic leaves behind when killed between writing and renaming (rename filesystems only).
 TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
@@ -59,99 +51,6 @@ class OutputError(RuntimeError):
 
 def part_name(shard_id: str) -> str:
     return f"part-{shard_id}.parquet"
-
-
-def feature_schema(dim: int, metadata: dict[str, Any]) -> pa.Schema:
-    return pa.schema(
-        [("key", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
-        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()},
-    )
-
-
-def read_metadata(schema: pa.Schema) -> dict[str, Any]:
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
-
-
-def table_to_parquet_bytes(table: pa.Table) -> bytes:
-    """zstd, no dictionary for floats, byte_stream_split on float columns (they compress ~15% better)."""
-    float_columns = []  # Parquet leaf paths: a list column's values live at "<name>.list.element"
-    for name, typ in zip(table.schema.names, table.schema.types):
-        if pa.types.is_floating(typ):
-            float_columns.append(name)
-        elif (pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ)) and pa.types.is_floating(typ.value_type):
-            float_columns.append(f"{name}.list.element")
-    string_columns = [n for n, t in zip(table.schema.names, table.schema.types) if pa.types.is_string(t)]
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table,
-        sink,
-        compression="zstd",
-        use_dictionary=[c for c in string_columns if c != "key"],
-        use_byte_stream_split=float_columns or False,
-        write_statistics=["key"],
-    )
-    return sink.getvalue().to_pybytes()
-
-
-def embeddings_table(keys: list[str], labels: list[str | None], embeddings: np.ndarray,
-                     schema: pa.Schema) -> pa.Table:
-    dim = schema.field("embedding").type.list_size
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
-    vectors = pa.FixedSizeListArray.from_arrays(flat, dim)
-    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(labels, pa.string()), vectors], schema=schema)
-
-
-def errors_table(errors: list[tuple[str, str]]) -> pa.Table:
-    return pa.Table.from_pylist([{"key": k, "error": e} for k, e in errors], schema=ERRORS_SCHEMA)
-
-
-@dataclass
-class ShardStats:
-    """What one shard's processing did; the JSON of this record is the shard's done marker."""
-
-    shard_id: str
-    signature: str
-    fingerprint: str
-    rows: int = 0
-    errors: int = 0
-    part_bytes: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # per stage: read, decode, infer, write, total
-    worker: str = ""
-    node: str = ""  # the Ray node id of the actor that wrote the shard
-    cuda_visible_devices: str | None = None  # as that actor saw it ("" for CPU-only actors)
-    failed: str | None = None  # set when the whole shard failed (not written as done)
-    # Unix times, for throughput over time: the shard's start, the end of its first model batch (with how many
-    # images that batch held; a worker's first batch carries its warm-up), and the stats write (done).
-    started_at: float = 0.0
-    first_batch_at: float = 0.0
-    first_batch_images: int = 0
-    finished_at: float = 0.0
-
-    @property
-    def images(self) -> int:
-        return self.rows + self.errors
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True, indent=1).encode()
-
-
-def steady_images_per_second(shards: Iterable[ShardStats]) -> float | None:
-    """Throughput with start-up left out: per worker, the images after its first model batch over the time from
-    that batch to its last shard's done marker (gaps between shards, writes and small last batches count);
-    summed over workers, which run side by side. None when no worker got past its first batch."""
-    by_worker: dict[str, list[ShardStats]] = {}
-    for stats in shards:
-        if not stats.failed and stats.first_batch_at > 0 and stats.finished_at > 0:
-            by_worker.setdefault(stats.worker, []).append(stats)
-    rates = []
-    for own in by_worker.values():
-        own.sort(key=lambda s: s.started_at)
-        images = sum(s.images for s in own) - own[0].first_batch_images
-        span = max(s.finished_at for s in own) - own[0].first_batch_at
-        if images > 0 and span > 0:
-            rates.append(images / span)
-    return sum(rates) if rates else None
 
 
 class OutputDataset:
@@ -344,151 +243,13 @@ class OutputDataset:
 
     # --- the lock ----------------------------------------------------------------------------------------------
 
-    def acquire_lock(self, wait_seconds: float = 0.0) -> "OutputLock":
+    def acquire_lock(self, wait_seconds: float = 0.0) -> OutputLock:
         lock = OutputLock(self.fs, self._p(LOCK_FILE))
-        lock.acquire(self.uri, wait_seconds)
-        return lock
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
-def _process_started(pid: int) -> str | None:
-    """When ``pid`` started (clock ticks since boot, Linux), to tell a live owner from a reused pid; None if the
-    process does not exist, "" when it exists but this platform cannot tell."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            # Field 22 is the start time; the command name (field 2) may hold spaces, so split after its ")".
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        return None
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return ""
-
-
-class OutputLock:
-    """One writer per output: an exclusively created ``_LOCK`` with its owner and a heartbeat time.
-
-    The owner refreshes the heartbeat from a daemon thread. Another run takes the lock over when the heartbeat
-    is older than ``LOCK_STALE_SECONDS``, or at once when the owner ran on the same machine and its process is
-    gone (a driver killed with SIGKILL). Object stores cannot delete conditionally, so two runs taking over the
-    same stale lock at the same instant could both believe they hold it: each beat re-reads the lock, and a run
-    that finds another owner there sets :attr:`lost`, and the pipeline stops handing out shards.
-    """
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, heartbeat_seconds: float = LOCK_HEARTBEAT_SECONDS):
-        self.fs, self.path = fs, path
-        self.host = socket.gethostname()
-        self.machine = f"{self.host}/{_boot_id()}"
-        self.pid = os.getpid()
-        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:12]}"
-        self.heartbeat_seconds = heartbeat_seconds
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "machine": self.machine, "pid": self.pid,
-                           "pid_started": _process_started(self.pid), "heartbeat": time.time()}).encode()
-
-    def acquire(self, uri: str, wait_seconds: float) -> None:
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            if storage.create_exclusive(self.fs, self.path, self._body()):
-                self._start_heartbeat()
-                return
-            holder = self._read()
-            if holder is None:  # released between our attempt and this read: try again
-                continue
-            reason = self.stale_reason(holder)
-            if reason:
-                log.warning("taking over the lock on %s: %s", storage.redact(uri), reason)
-                self._remove_if_unchanged(holder)
-                continue
-            if time.monotonic() >= deadline:
-                age = time.time() - float(holder.get("heartbeat", 0))
-                raise OutputError(
-                    f"output {storage.redact(uri)} is being written by another run ({holder.get('owner', '?')}, "
-                    f"heartbeat {age:.0f}s ago); wait for it to finish or use another --output (a lock whose run "
-                    f"died is taken over after {LOCK_STALE_SECONDS}s without heartbeat, at once on its own machine)"
-                )
-            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-
-    def stale_reason(self, holder: dict[str, Any]) -> str | None:
-        """Why ``holder``'s lock may be taken over, or None while its run may be alive."""
-        age = time.time() - float(holder.get("heartbeat", 0) or 0)
-        if age > LOCK_STALE_SECONDS:
-            return f"last heartbeat {age:.0f}s ago"
-        pid = holder.get("pid")
-        if holder.get("machine") == self.machine and isinstance(pid, int):
-            started = _process_started(pid)
-            if started is None:
-                return f"its process {pid} on this machine is gone"
-            if started and holder.get("pid_started") and started != holder["pid_started"]:
-                return f"its process {pid} on this machine is gone (the pid now belongs to another process)"
-        return None
-
-    def _remove_if_unchanged(self, holder: dict[str, Any]) -> None:
-        current = self._read()
-        if current is not None and current.get("owner") == holder.get("owner") \
-                and current.get("heartbeat") == holder.get("heartbeat"):
-            try:
-                self.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
-
-    def _read(self) -> dict[str, Any] | None:
-        """The lock's content; None when there is no lock; {} for an unreadable one (treated as stale)."""
         try:
-            data = json.loads(storage.read_bytes(self.fs, self.path))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat_forever, name="cnnbatch-lock-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _beat_forever(self) -> None:
-        while not self._stop.wait(self.heartbeat_seconds):
-            try:
-                self.heartbeat()
-            except Exception as exc:  # noqa: BLE001 - a missed beat is retried at the next one
-                log.warning("could not refresh the output lock: %s", storage.describe_error(exc))
-
-    def heartbeat(self) -> None:
-        holder = self._read()
-        if holder is not None and holder.get("owner") == self.owner:
-            storage.write_bytes_atomic(self.fs, self.path, self._body())
-        elif not self.lost:
-            self.lost = True
-            log.error("the lock on this output is now held by %s; this run stops handing out shards",
-                      (holder or {}).get("owner", "nobody"))
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        holder = self._read()
-        if holder is not None and holder.get("owner") == self.owner:
-            try:
-                self.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+            lock.acquire(self.uri, wait_seconds)
+        except LockHeld as exc:
+            raise OutputError(str(exc)) from None
+        return lock
 
 
 def redact_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 Shared by every sharded job (extract, predict). The driver lists shards lazily, skips the ones already done for
 this configuration, and hands one shard to each free actor of a ``ray.util.ActorPool``, so the listing stays lazy.
-Ray restarts a crashed actor and retries its call (``max_restarts``/``max_task_retries``); an actor that is gone
-for good is dropped by the pool, replaced by a fresh one, and its shard handed out again. Whole-shard failures are retried, then recorded. The deterministic, atomic per-shard writes make
-every redo harmless: a shard's part file is replaced whole, never appended to.
+An actor gone for good is replaced and its shard handed out again; whole-shard failures are retried, then
+recorded. The deterministic, atomic per-shard writes make every redo harmless: a shard's part file is replaced
+whole, never appended to.
 """
 
 from __future__ import annotations
@@ -14,48 +14,30 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from . import storage
-from .output import OutputDataset, OutputError, OutputLock, ShardStats, steady_images_per_second
+from .cluster import init_ray
+from .lock import OutputLock
+from .output import OutputDataset, OutputError
+from .pool import PoolOptions, WorkerPool
 from .progress import Progress
 from .shards import Shard, list_shards
-from .worker import ShardTask, decode_threads_for, process_shard
+from .shardstats import ShardStats, steady_images_per_second
+from .worker import ShardTask
 
 log = logging.getLogger(__name__)
 
-ACTOR_RESTARTS = 4  # a node or actor crash is redone by Ray this many times per actor
 SHARD_ATTEMPTS = 3  # whole-shard failures (not crashes) are retried this many times before being reported
 REST = "(rest)"  # the failure entry for shards never handed out because the run stopped early
-
-
-class WorkerStartError(RuntimeError):
-    """The actors could not build their model; the message is the root cause, on one line."""
-
-
-def root_cause(error_text: str) -> str:
-    """The last ``SomeError: message`` line of a remote traceback (Ray wraps the actor's own exception)."""
-    lines = [line.strip() for line in error_text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        name, sep, message = line.partition(": ")
-        if sep and name.replace(".", "").replace("_", "").isalnum() and name.split(".")[-1][:1].isupper():
-            return storage.redact(f"{name.split('.')[-1]}: {message}")
-    return storage.redact(lines[-1] if lines else "unknown error")
 
 
 def fingerprint_of(parts: dict[str, Any]) -> str:
     """A short stable hash of what makes two runs' outputs interchangeable."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-@dataclass(frozen=True)
-class PoolOptions:
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
 
 
 @dataclass
@@ -99,129 +81,6 @@ class JobSummary:
         if self.failed:
             text += f"; FAILED shards: {', '.join(sorted(self.failed))}"
         return text
-
-
-# A private local cluster lives only for one job and nobody watches it: no dashboard, no metrics, no idle workers
-# started ahead (Ray's default: one per CPU). On 2 cores these cost ~2% of the machine for the whole job (measured
-# with bench: services' CPU while the job is steady, 0.037 -> 0.023 cores).
-PRIVATE_CLUSTER_CONFIG = {"prestart_worker_first_driver": False, "enable_metrics_collection": False}
-
-
-def init_ray() -> None:
-    """Attach to ``RAY_ADDRESS`` (or the cluster of ``ray job submit``); else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # "local" rather than None: without RAY_ADDRESS, start a private cluster instead of joining whatever
-    # `ray start` cluster happens to run on this machine (ray job submit sets RAY_ADDRESS for its drivers).
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    if address != "local":
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
-        return
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, configure_logging=False,
-             include_dashboard=False, _system_config=PRIVATE_CLUSTER_CONFIG)
-
-
-def decode_cpus(options: PoolOptions, node_cpus: float, node_gpus: float) -> float:
-    """CPUs an actor's decode threads may use. A GPU actor decodes for its GPU, and GPU nodes run nothing else:
-    it takes its GPU share of the node's CPUs (8 CPUs, 2 GPUs, 1 GPU per actor: 4). A CPU actor takes the CPUs
-    it reserved."""
-    if options.gpus_per_worker > 0 and node_gpus > 0:
-        return max(options.cpus_per_worker, node_cpus * options.gpus_per_worker / node_gpus)
-    return options.cpus_per_worker
-
-
-def _make_actor_class() -> Any:
-    import ray
-
-    class ShardWorker:
-        """A Ray actor holding one model, processing whole shards."""
-
-        def __init__(self, task: ShardTask, output_uri: str, fingerprint: str, options: PoolOptions,
-                     secrets: storage.SecretEnv):
-            from .cli import setup_logging
-
-            secrets.apply()  # before any filesystem is built in this process
-            setup_logging()
-            self.node = ray.get_runtime_context().get_node_id()
-            resources = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == self.node), {})
-            cpus = decode_cpus(options, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-            self.output = OutputDataset(output_uri, node=self.node)
-            self.fingerprint = fingerprint
-            self.decode_threads = decode_threads_for(cpus)
-            self.model = task.make_model()
-            self.task = task.with_batch_size_for(self.model, options.gpus_per_worker)
-
-        def process(self, shard: Shard) -> ShardStats:
-            try:
-                return process_shard(shard, self.task, self.model, self.output, self.fingerprint,
-                                     self.decode_threads)
-            except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries then records it
-                log.exception("shard %s failed", shard.shard_id)
-                return ShardStats(shard.shard_id, shard.signature, self.fingerprint,
-                                  failed=storage.describe_error(exc), node=self.node)
-
-        def pid(self) -> int:
-            return os.getpid()
-
-    return ray.remote(ShardWorker)
-
-
-def actor_env(options: PoolOptions) -> dict[str, str]:
-    """``runtime_env`` variables for actors: non-secret storage settings (endpoint, region: so actors on every
-    node reach the same buckets), quiet TensorFlow start-up, and no GPU for actors that did not reserve one (TF
-    would otherwise take them all). Secrets travel as a constructor argument: Ray logs runtime_envs verbatim.
-    """
-    env = storage.storage_env()
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    if options.gpus_per_worker == 0:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
-class _Pool:
-    """The job's actors, with a factory to replace one that is gone for good."""
-
-    def __init__(self, task: ShardTask, output_uri: str, fingerprint: str, options: PoolOptions):
-        self._cls = _make_actor_class().options(
-            num_cpus=options.cpus_per_worker,
-            num_gpus=options.gpus_per_worker,
-            max_restarts=ACTOR_RESTARTS,
-            max_task_retries=ACTOR_RESTARTS,
-            runtime_env={"env_vars": actor_env(options)},
-        )
-        self._args = (task, output_uri, fingerprint, options, storage.SecretEnv.from_environ())
-        self.actors = [self.new_actor() for _ in range(options.workers)]
-
-    def new_actor(self) -> Any:
-        return self._cls.remote(*self._args)
-
-    def replace(self, actor_id: str) -> Any:
-        """Swap the actor with this id for a fresh one (killing the old one, should it merely be unreachable,
-        so that it stops holding its CPU/GPU)."""
-        import ray
-
-        index = next(i for i, a in enumerate(self.actors) if a._actor_id.hex() == actor_id)
-        ray.kill(self.actors[index])
-        self.actors[index] = self.new_actor()
-        return self.actors[index]
-
-    def wait_ready(self) -> None:
-        """Surface model-build failures (bad weights, no memory) before any shard is handed out, as one line."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        try:
-            ray.get([actor.pid.remote() for actor in self.actors])
-        except RayActorError as exc:
-            raise WorkerStartError(f"workers could not start: {root_cause(str(exc))}") from None
-
-    def kill(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
 
 
 def pending_shards(shards: Iterable[Shard], output: OutputDataset, fingerprint: str, summary: JobSummary,
@@ -301,7 +160,7 @@ def _run_pool(shards: Iterator[Shard], task: ShardTask, output: OutputDataset, f
     from ray.util import ActorPool
 
     init_ray()
-    pool = _Pool(task, output.uri, fingerprint, options)
+    pool = WorkerPool(task, output.uri, fingerprint, options)
     progress = Progress(what="images")
     running: dict[str, Shard] = {}  # actor id -> its shard (an ActorPool gives each actor one call at a time)
     attempts: collections.Counter[str] = collections.Counter()

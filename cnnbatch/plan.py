@@ -17,7 +17,7 @@ from typing import Any
 from . import storage
 from .backbones import BACKBONES, get_backbone
 from .config import log_config, option, require
-from .embed import PRECISIONS
+from .precision import PRECISIONS
 from .shards import Shard, list_shards
 
 log = logging.getLogger(__name__)

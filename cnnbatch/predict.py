@@ -24,14 +24,20 @@ import pyarrow as pa
 
 from . import storage
 from .batching import auto_batch_size
+from .cluster import default_gpus, resolve_precision_for_workers
 from .config import log_config, option, require, to_dict
-from .decode import DecodeError, decode_image
-from .embed import PRECISIONS, Embedder, ModelSpec, resolve_precision, variables_digest
-from .extract import DECODE_VERSION, default_gpus_per_worker, library_versions, resolve_requested_precision
+from .decode import DECODE_VERSION, DecodeError, decode_image
 from .fetch import SCHEMES, FetchPolicy, fetch_url
 from .modelio import MANIFEST_FILE, ModelError, ModelInfo, load_model_folder
-from .output import METADATA_KEY, OutputDataset
-from .pipeline import JobSummary, PoolOptions, fingerprint_of, run_sharded_job
+from .output import OutputDataset
+from .parquetio import with_metadata
+from .pipeline import JobSummary, fingerprint_of, run_sharded_job
+from .pool import PoolOptions
+from .precision import PRECISIONS
+from .predictor import Predictor, top_k
+from .tfruntime import resolve_precision
+from .versions import library_versions
+from .worker import plain_variant
 
 log = logging.getLogger(__name__)
 
@@ -90,72 +96,13 @@ class PredictConfig:
         return self.image is not None or self.image_url is not None
 
 
-# --- the fused model -------------------------------------------------------------------------------------------
-
-class Predictor:
-    """Backbone + head as one compiled function: ``{"image": (N, S, S, 3) uint8} -> {"probabilities": (N, C)}``."""
-
-    def __init__(self, info: ModelInfo, head: Any, precision: str):
-        import tensorflow as tf
-
-        self.info = info
-        self.labels = info.labels
-        # The Embedder builds the backbone exactly as extraction did (weights, seed, precision policy).
-        self.embedder = Embedder(ModelSpec(info.backbone, info.image_size, info.weights, precision))
-        if self.embedder.feature_dim != info.feature_dim:
-            raise ModelError(f"backbone {info.backbone} gives {self.embedder.feature_dim} features, "
-                             f"{MANIFEST_FILE} says {info.feature_dim}")
-        if info.weights.kind == "random" and info.weights.sha256:
-            # A seeded random backbone is identified by its content: a rebuild that differs (another Keras)
-            # would give features the head never saw.
-            rebuilt = variables_digest(self.embedder.model)
-            if rebuilt != info.weights.sha256:
-                raise ModelError(f"the random backbone rebuilt with seed {info.weights.seed} differs from the one "
-                                 f"the training features came from (sha256 {rebuilt[:12]}..., expected "
-                                 f"{info.weights.sha256[:12]}...)")
-        size = self.embedder.image_size
-        backbone = self.embedder.model
-        preprocess = self.embedder.backbone.preprocess_fn()
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)], jit_compile=False)
-        def predict(images: tf.Tensor) -> tf.Tensor:
-            pixels = preprocess(tf.cast(images, tf.float32))
-            features = tf.cast(backbone(pixels, training=False), tf.float32)
-            return tf.cast(head(features, training=False), tf.float32)
-
-        self._predict = predict
-
-    @property
-    def image_size(self) -> int:
-        return self.embedder.image_size
-
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """``(N, S, S, 3)`` uint8 -> ``(N, n_classes)`` float32."""
-        expected = (self.image_size, self.image_size, 3)
-        if images.dtype != np.uint8 or images.shape[1:] != expected:
-            raise ValueError(f"expected uint8 images of shape (N, {expected[0]}, {expected[1]}, 3), "
-                             f"got {images.dtype} {images.shape}")
-        if len(images) == 0:
-            return np.zeros((0, len(self.labels)), np.float32)
-        return self._predict(images).numpy()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"probabilities": self.probabilities(batch["image"])}
-
-
-def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and probabilities of the ``k`` most likely classes per row, best first (ties: lower index)."""
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(probabilities, order, axis=1).astype(np.float32)
-
-
 # --- the prediction table --------------------------------------------------------------------------------------
 
 def prediction_schema(k: int, metadata: dict[str, Any]) -> pa.Schema:
     fields = [("key", pa.string()), ("predicted_label", pa.string()), ("probability", pa.float32())]
     if k > 1:
         fields += [("top_k_labels", pa.list_(pa.string())), ("top_k_probabilities", pa.list_(pa.float32()))]
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return with_metadata(fields, metadata)
 
 
 def prediction_table(keys: list[str], probabilities: np.ndarray, labels: tuple[str, ...], k: int,
@@ -186,6 +133,13 @@ class PredictTask:
     def image_size(self) -> int:
         return self.info.image_size
 
+    @property
+    def views(self) -> int:
+        return 1
+
+    def variants(self, key: str, pixels: np.ndarray) -> np.ndarray:
+        return plain_variant(pixels)
+
     def make_model(self) -> Predictor:
         info, head = load_model_folder(self.model_uri)
         if info != self.info:
@@ -199,7 +153,8 @@ class PredictTask:
 
     def make_table(self, model: Predictor, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> pa.Table:
-        probabilities = outputs.get("probabilities", np.zeros((0, len(self.info.labels)), np.float32))
+        probabilities = outputs.get("probabilities", np.zeros((0, 1, len(self.info.labels)), np.float32))
+        probabilities = probabilities.mean(axis=1)  # over the record's views (test-time augmentation)
         return prediction_table(keys, probabilities, self.info.labels, self.top_k,
                                 prediction_schema(self.top_k, self.metadata))
 
@@ -253,7 +208,7 @@ def prediction_fingerprint(digest: str, k: int, precision: str) -> str:
 
 # --- running ---------------------------------------------------------------------------------------------------
 
-def run_predict(config: PredictConfig) -> "JobSummary | ImagePrediction":
+def run_predict(config: PredictConfig) -> JobSummary | ImagePrediction:
     return predict_image(config) if config.one_image else predict_bulk(config)
 
 
@@ -262,8 +217,8 @@ def predict_bulk(config: PredictConfig) -> JobSummary:
     log_config(config)
     storage.ensure_reachable(config.input, must_exist=True)
     info, _, digest = open_model(config.model, config.top_k)
-    gpus = default_gpus_per_worker(config.gpus_per_worker)
-    precision = resolve_requested_precision(config.precision or info.precision, gpus)
+    gpus = default_gpus(config.gpus_per_worker)
+    precision = resolve_precision_for_workers(config.precision or info.precision, gpus)
     task = PredictTask(config.model, info, precision, config.top_k, config.batch_size,
                        prediction_metadata(config.model, digest, info, precision, config.top_k))
     recorded = to_dict(config) | {"model_sha256": digest, "precision": precision}

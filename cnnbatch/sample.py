@@ -62,7 +62,10 @@ def write_sample(root: str | Path, per_class: int = 20, size: int = 96, seed: in
                 ext = "png" if index % 5 == 4 else "jpg"
                 path = folder / f"{label}-{index:04d}.{ext}"
                 if not path.exists():
-                    Image.fromarray(pixels).save(path, **({"quality": 90} if ext == "jpg" else {}))
+                    if ext == "jpg":
+                        Image.fromarray(pixels).save(path, quality=90)
+                    else:
+                        Image.fromarray(pixels).save(path)
     log.info("sample images under %s", root)
     return root
 

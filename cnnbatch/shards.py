@@ -8,12 +8,14 @@ after their file. Listing streams; a folder shard holds only its own keys.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import fsspec
 
@@ -54,6 +56,11 @@ class Record:
     label: str | None
     load: Callable[[], bytes]
     error: str | None = field(default=None)  # set when the record is already known to be unusable
+
+
+def _constant(data: bytes) -> Callable[[], bytes]:
+    """A record's ``load`` for bytes already in memory (a tar member, a Parquet cell)."""
+    return lambda: data
 
 
 def extension(name: str) -> str:
@@ -174,7 +181,7 @@ def iter_records(shard: Shard, fs: fsspec.AbstractFileSystem | None = None) -> I
 def _folder_records(fs: fsspec.AbstractFileSystem, root: str, keys: tuple[str, ...]) -> Iterator[Record]:
     for key in keys:
         path = f"{root}/{key}"
-        yield Record(key, folder_label(key), lambda path=path: storage.read_bytes(fs, path))
+        yield Record(key, folder_label(key), functools.partial(storage.read_bytes, fs, path))
 
 
 def _tar_records(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator[Record]:
@@ -197,7 +204,7 @@ def _tar_records(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator
             yield Record(key, label, lambda: b"", error=f"no image member (found .{', .'.join(sorted(group))})")
         else:
             data = group[image_exts[0]]
-            yield Record(key, label, lambda data=data: data)
+            yield Record(key, label, _constant(data))
 
     with storage.with_retries(lambda: fs.open(path, "rb"), f"open {path}") as handle:
         with tarfile.open(fileobj=handle, mode="r|*") as archive:
@@ -238,6 +245,6 @@ def _parquet_records(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iter
                     yield Record(str(key), label, lambda: b"", error="image is null")
                 else:
                     blob = bytes(image)
-                    yield Record(str(key), label, lambda blob=blob: blob)
+                    yield Record(str(key), label, _constant(blob))
                 row += 1
 

@@ -1,16 +1,13 @@
-"""One shard, start to end, inside one process: read -> decode (threads) -> model (batches) -> write.
+"""One shard, start to end, inside one process: read -> decode (threads) -> variants -> model (batches) -> write.
 
-Shared by extraction and prediction: a :class:`ShardTask` says how to build the model (once per actor) and how
-to turn its outputs into the shard's table. Decoding runs in a thread pool ahead of the model, with a bounded
-number of images in flight, so the model does not wait on JPEG decoding and memory stays bounded. With
-``batches_in_flight`` > 1 the model runs in its own thread while the next batches are stacked, so an accelerator
-is handed its next batch as soon as it finishes one (docs/benchmarks.md has the measurements).
+Shared by extraction and prediction: a :class:`ShardTask` says how to build the model (once per actor), which
+model inputs each decoded record becomes, and how to turn the outputs into the shard's table. Decoding runs in a
+thread pool ahead of the model, with a bounded number of records in flight, so the model does not wait on JPEG
+decoding and memory stays bounded. With ``batches_in_flight`` > 1 the model runs in its own thread while the next
+batches are stacked, so an accelerator is handed its next batch as soon as it finishes one.
 
-Each decode thread reads its image, then decodes it. Two alternatives were measured and not kept: reads on their
-own 16 I/O threads ahead of the decoders (on the H200 node, 4 actors sharing the GPU: 2,686 and 3,129 images/s
-against 4,031 and 3,690 as here; one actor 1,183 and 1,126 against 1,278 and 1,252: more threads contending for the
-GIL; bench/gpu_read_threads_ab.json), and on CPU actors, decodes waiting while the model computes
-(bench/decode_gate_ab.py: a wash).
+Each decode thread reads its image, then decodes it: separate read threads and decodes that wait while the model
+computes were measured and not kept (docs/benchmarks.md, "Worker alternatives").
 """
 
 from __future__ import annotations
@@ -20,16 +17,18 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from . import storage
 from .decode import DecodeError, decode_image
-from .output import OutputDataset, ShardStats
+from .output import OutputDataset
 from .shards import Record, Shard, iter_records
+from .shardstats import ShardStats
 
 log = logging.getLogger(__name__)
 # Batches handed to the model thread before the oldest result is collected: 1 runs the model inline between
@@ -40,20 +39,44 @@ R = TypeVar("R")
 
 
 class ShardTask(Protocol):
-    """What a job does with decoded images. Must be picklable: it travels to every actor."""
+    """What a job does with decoded images. Must be picklable: it travels to every actor.
 
-    image_size: int
-    batch_size: int | None  # None until the actor sizes it to its device (with_batch_size_for)
+    Each record (image) becomes ``views`` model inputs (its variants: the plain image, augmented views...), made
+    by :meth:`variants` on the decode threads; the outputs of one record's inputs are handed back together, so a
+    record is in the table with all of its outputs or in ``_errors``, never partly."""
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int | None:  # model inputs per call; None until the actor sizes it to its device
+        ...
+
+    @property
+    def views(self) -> int:  # model inputs per record (at least 1)
+        ...
 
     def make_model(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """Build the model (called once per actor)."""
+        ...
 
     def with_batch_size_for(self, model: Any, gpu_share: float) -> ShardTask:
         """This task with its batch size decided for the device the actor holds (itself if already set)."""
+        ...
+
+    def variants(self, key: str, pixels: np.ndarray) -> np.ndarray:
+        """The record's ``(views, S, S, 3)`` uint8 model inputs from its decoded ``(S, S, 3)`` pixels."""
+        ...
 
     def make_table(self, model: Any, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> pa.Table:
-        """The shard's Parquet table from its keys, labels and concatenated model outputs."""
+        """The shard's table; ``outputs[name]`` is ``(records, views, ...)``, in the order of ``keys``."""
+        ...
+
+
+def plain_variant(pixels: np.ndarray) -> np.ndarray:
+    """One model input per record: the decoded image itself."""
+    return pixels[np.newaxis]
 
 
 def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], in_flight: int) -> Iterator[R]:
@@ -91,12 +114,12 @@ def decode_threads_for(cpus: float | None) -> int:
 
 
 class _Loaded:
-    __slots__ = ("key", "label", "pixels", "error", "read_s", "decode_s")
+    __slots__ = ("key", "label", "images", "error", "read_s", "decode_s", "views_s")
 
-    def __init__(self, key: str, label: str | None, pixels: np.ndarray | None, error: str | None,
-                 read_s: float = 0.0, decode_s: float = 0.0):
-        self.key, self.label, self.pixels, self.error = key, label, pixels, error
-        self.read_s, self.decode_s = read_s, decode_s
+    def __init__(self, key: str, label: str | None, images: np.ndarray | None, error: str | None,
+                 read_s: float = 0.0, decode_s: float = 0.0, views_s: float = 0.0):
+        self.key, self.label, self.images, self.error = key, label, images, error
+        self.read_s, self.decode_s, self.views_s = read_s, decode_s, views_s
 
 
 def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDataset, fingerprint: str,
@@ -111,6 +134,9 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     if task.batch_size is None or task.batch_size < 1:
         raise ValueError(f"the task's batch size must be decided (at least 1) before a shard runs, "
                          f"got {task.batch_size}")
+    batch_size, views = task.batch_size, task.views
+    if views < 1:
+        raise ValueError(f"a task makes at least one model input per record, got views={views}")
     started, started_at = time.perf_counter(), time.time()
     first_batch: list[float] = []  # [Unix time, images] once the first batch is through the model
     size = task.image_size
@@ -129,15 +155,23 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             pixels = decode(data, size)
         except DecodeError as exc:
             return _Loaded(record.key, record.label, None, str(exc), t1 - t0, time.perf_counter() - t1)
-        return _Loaded(record.key, record.label, pixels, None, t1 - t0, time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        try:
+            images = task.variants(record.key, pixels)
+            if images.shape != (views, size, size, 3) or images.dtype != np.uint8:
+                raise ValueError(f"made {images.dtype} {images.shape}, expected uint8 ({views}, {size}, {size}, 3)")
+        except Exception as exc:  # noqa: BLE001 - a record without all its inputs is that record's error
+            return _Loaded(record.key, record.label, None, f"cannot make its views: {storage.describe_error(exc)}",
+                           t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return _Loaded(record.key, record.label, images, None, t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     keys: list[str] = []
     labels: list[str | None] = []
     chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     errors: list[tuple[str, str]] = []
-    timing: collections.Counter[str] = collections.Counter()
-    batch: list[_Loaded] = []
-    pending: collections.deque[tuple[Future[dict[str, Any]], list[_Loaded]]] = collections.deque()
+    timing: dict[str, float] = collections.defaultdict(float)
+    batch: list[np.ndarray] = []
+    pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
 
     def infer(images: np.ndarray) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -147,46 +181,51 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             first_batch.extend((time.time(), len(images)))
         return result
 
-    def collect(future: Future[dict[str, Any]], items: list[_Loaded]) -> None:
+    def collect(future: Future[dict[str, Any]]) -> None:
         for name, value in future.result().items():
             chunks[name].append(np.asarray(value))
-        keys.extend(item.key for item in items)
-        labels.extend(item.label for item in items)
 
     def submit_batch(model_pool: ThreadPoolExecutor) -> None:
-        images = np.stack([item.pixels for item in batch])
-        pending.append((model_pool.submit(infer, images), list(batch)))
+        pending.append(model_pool.submit(infer, np.stack(batch)))
         batch.clear()
         while len(pending) >= batches_in_flight:
-            collect(*pending.popleft())
+            collect(pending.popleft())
 
     read_start = time.perf_counter()
-    in_flight = (1 + batches_in_flight) * task.batch_size + decode_threads
+    # Records in flight: enough to fill the batches on the model thread and the one being stacked, plus one per
+    # decode thread; a record holds `views` images.
+    in_flight = max(1, (1 + batches_in_flight) * batch_size // views) + decode_threads
     pool, model_pool = thread_pool("decode", decode_threads), thread_pool("model", 1)
     try:
         for item in bounded_map(pool, load, iter_records(shard), in_flight=in_flight):
             timing["read"] += item.read_s
             timing["decode"] += item.decode_s
-            if item.error is not None:
-                errors.append((item.key, item.error))
+            if views > 1:
+                timing["views"] += item.views_s
+            if item.error is not None or item.images is None:
+                errors.append((item.key, item.error or "no image"))
                 continue
-            batch.append(item)
-            if len(batch) == task.batch_size:
-                submit_batch(model_pool)
+            keys.append(item.key)
+            labels.append(item.label)
+            for image in item.images:
+                batch.append(image)
+                if len(batch) == batch_size:
+                    submit_batch(model_pool)
         if batch:
             submit_batch(model_pool)
         while pending:
-            collect(*pending.popleft())
+            collect(pending.popleft())
     finally:  # a failed shard: let its batches on the model thread finish before the next shard's
-        for future, _ in pending:
+        for future in pending:
             future.cancel()
-        for future, _ in pending:
+        for future in pending:
             if not future.cancelled():
                 future.exception()
     # Wall time the model waited on input: everything in the loop that was not inference.
     timing["wait_input"] = max(0.0, time.perf_counter() - read_start - timing["infer"])
 
-    outputs = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    outputs = {name: np.concatenate(parts).reshape(len(keys), views, *parts[0].shape[1:])
+               for name, parts in chunks.items()}
     table = task.make_table(model, keys, labels, outputs)
     stats = ShardStats(shard_id=shard.shard_id, signature=shard.signature, fingerprint=fingerprint,
                        worker=f"{socket.gethostname()}:{os.getpid()}")

@@ -68,7 +68,8 @@ def test_a_cpu_embedder_turns_tensorflow_thread_spinning_off_before_the_runtime_
     script = (
         "from tensorflow.python.eager import context\n"
         "import tensorflow as tf\n"
-        "from cnnbatch.embed import Embedder, ModelSpec, quiet_idle_threads\n"
+        "from cnnbatch.embed import Embedder, ModelSpec\n"
+        "from cnnbatch.tfruntime import quiet_idle_threads\n"
         "from cnnbatch.weights import WeightsRef\n"
         "embedder = Embedder(ModelSpec('vgg16', 32, WeightsRef('random', seed=1), 'float32'))\n"
         "print(context.context().config.experimental.disable_thread_spinning, quiet_idle_threads(),\n"

@@ -62,7 +62,9 @@ def _shard(shard_id: str, rows: int, write: float, part_bytes: int) -> dict:
 
 
 def _features_output(folder: Path, values) -> Path:
-    from cnnbatch.output import OutputDataset, ShardStats, embeddings_table, feature_schema
+    from cnnbatch.extract import embeddings_table, feature_schema
+    from cnnbatch.output import OutputDataset
+    from cnnbatch.shardstats import ShardStats
 
     table = embeddings_table([f"k{i}" for i in range(len(values))], [None] * len(values), values,
                              feature_schema(values.shape[1], {}))
@@ -185,15 +187,18 @@ class MeanColour:
 
 
 class MeanColourTask:
-    image_size, batch_size = 16, 4
+    image_size, batch_size, views = 16, 4, 1
+
+    def variants(self, key, pixels):
+        return pixels[None]
 
     def make_model(self) -> MeanColour:
         return MeanColour()
 
     def make_table(self, model, keys, labels, outputs):
-        from cnnbatch.output import embeddings_table, feature_schema
+        from cnnbatch.extract import embeddings_table, feature_schema
 
-        return embeddings_table(keys, labels, outputs["embedding"], feature_schema(3, {}))
+        return embeddings_table(keys, labels, outputs["embedding"][:, 0], feature_schema(3, {}))
 
 
 def test_batches_in_flight_give_the_same_rows_on_long_lived_threads(tmp_path: Path) -> None:

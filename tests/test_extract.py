@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cnnbatch.extract import ExtractConfig, run_extract
-from cnnbatch.output import read_metadata
+from cnnbatch.parquetio import read_metadata
 from cnnbatch.weights import sha256_file
 
 from .conftest import TEST_IMAGE_SIZE

@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cnnbatch import storage
-from cnnbatch.output import OutputDataset, ShardStats, embeddings_table, feature_schema
+from cnnbatch.extract import embeddings_table, feature_schema
+from cnnbatch.output import OutputDataset
+from cnnbatch.shardstats import ShardStats
 
 from .conftest import REPO, S3Server, run_cli
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from cnnbatch.pipeline import PoolOptions, decode_cpus
+from cnnbatch.pool import PoolOptions, decode_cpus
 
 from .conftest import TEST_IMAGE_SIZE, run_cli
 

@@ -10,8 +10,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch.output import (OutputDataset, OutputError, ShardStats, embeddings_table, feature_schema,
-                             read_metadata, table_to_parquet_bytes)
+from cnnbatch.extract import embeddings_table, feature_schema
+from cnnbatch.output import OutputDataset, OutputError
+from cnnbatch.parquetio import read_metadata, table_to_parquet_bytes
+from cnnbatch.shardstats import ShardStats
 
 
 def small_table(dim: int = 8, rows: int = 5):
@@ -88,7 +90,7 @@ def test_one_writer_at_a_time(tmp_path: Path) -> None:
 
 
 def test_steady_images_per_second_leaves_out_each_workers_start_up() -> None:
-    from cnnbatch.output import steady_images_per_second
+    from cnnbatch.shardstats import steady_images_per_second
 
     def shard(worker: str, started: float, first_batch: float, finished: float, rows: int, **kw) -> ShardStats:
         return ShardStats(f"{worker}{started}", "sig", "fp", rows=rows, worker=worker, started_at=started,

@@ -10,10 +10,12 @@ import pyarrow.dataset as ds
 import pytest
 
 from cnnbatch.decode import decode_image
-from cnnbatch.embed import (Embedder, ModelSpec, check_precision, cpu_has_native_bf16, local_precision,
-                            resolve_precision_for_workers)
+from cnnbatch.cluster import resolve_precision_for_workers
+from cnnbatch.embed import Embedder, ModelSpec
+from cnnbatch.precision import check_precision, cpu_has_native_bf16, local_precision
 from cnnbatch.extract import ExtractConfig, extraction_fingerprint, feature_metadata, run_extract
-from cnnbatch.output import OutputError, read_metadata
+from cnnbatch.output import OutputError
+from cnnbatch.parquetio import read_metadata
 from cnnbatch.weights import WeightsRef, sha256_file
 
 from .conftest import TEST_IMAGE_SIZE

@@ -28,7 +28,8 @@ import pytest
 from cnnbatch import cli
 from cnnbatch.extract import ExtractConfig, run_extract
 from cnnbatch.modelio import ModelError, load_model_folder, write_model_folder
-from cnnbatch.output import OutputError, read_metadata
+from cnnbatch.output import OutputError
+from cnnbatch.parquetio import read_metadata
 from cnnbatch.predict import PredictConfig, manifest_sha256, prediction_table, prediction_schema, run_predict, top_k
 from cnnbatch.train import TrainConfig, run_train
 

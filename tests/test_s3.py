@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cnnbatch import storage
-from cnnbatch.output import OutputDataset, OutputError, OutputLock
+from cnnbatch.lock import OutputLock
+from cnnbatch.output import OutputDataset, OutputError
 from cnnbatch.shards import list_shards
 
 from .conftest import FAKE_AWS_KEY_ID, FAKE_AWS_SECRET, TEST_IMAGE_SIZE, S3Server, run_cli

@@ -17,7 +17,9 @@ from cnnbatch.cli import main
 from cnnbatch.head import (EXCLUDED, VALIDATION, HeadSpec, LabelCodes, RunningMoments, build_head,
                            class_weights, encode_labels, key_hashes, stratified_split, validation_quota)
 from cnnbatch.modelio import ModelError, ModelInfo, load_model_folder, write_model_folder
-from cnnbatch.output import SUCCESS_FILE, embeddings_table, feature_schema, table_to_parquet_bytes
+from cnnbatch.extract import embeddings_table, feature_schema
+from cnnbatch.output import SUCCESS_FILE
+from cnnbatch.parquetio import table_to_parquet_bytes
 from cnnbatch.train import FeatureError, TrainConfig, execute_plan, plan_training
 from cnnbatch.weights import WeightsRef
 

@@ -13,7 +13,8 @@ import pytest
 from bench.images import write_folder
 from cnnbatch import worker
 from cnnbatch.decode import decode_image
-from cnnbatch.output import OutputDataset, embeddings_table, feature_schema
+from cnnbatch.extract import embeddings_table, feature_schema
+from cnnbatch.output import OutputDataset
 from cnnbatch.shards import list_shards
 
 
@@ -33,10 +34,13 @@ class SlowMeanColour:
 
 
 class Task:
-    image_size, batch_size = 16, 4
+    image_size, batch_size, views = 16, 4, 1
+
+    def variants(self, key, pixels):
+        return worker.plain_variant(pixels)
 
     def make_table(self, model, keys, labels, outputs):
-        return embeddings_table(keys, labels, outputs["embedding"], feature_schema(3, {}))
+        return embeddings_table(keys, labels, outputs["embedding"][:, 0], feature_schema(3, {}))
 
 
 @pytest.fixture()
