@@ -26,6 +26,9 @@ class Backbone:
     preprocessing: str  # stable name of the preprocessing, recorded in metadata and the resume fingerprint
 
     def _module(self) -> Any:
+        from .tfruntime import keras_module
+
+        keras_module()  # TensorFlow first, its start-up lines filtered
         return importlib.import_module(f"keras.applications.{self.module}")
 
     def build(self, image_size: int | None = None, weights: str | None = None) -> Any:

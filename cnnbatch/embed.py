@@ -18,7 +18,7 @@ import numpy as np
 from .backbones import Backbone, get_backbone
 from .precision import policy_name
 from .storage import describe_error, redact
-from .tfruntime import device_type, jit_compile_for, tensorflow
+from .tfruntime import device_type, jit_compile_for, keras_module, tensorflow
 from .weights import WeightsError, WeightsRef, keras_weights_arg
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class ModelSpec:
 def build_model(spec: ModelSpec) -> Any:
     """Build the pooled backbone with its weights under the spec's precision policy."""
     tensorflow()
-    import keras
+    keras = keras_module()
 
     backbone = spec.backbone_spec
     if spec.weights.kind == "random":

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .head import EvaluationAccumulator
+from .tfruntime import keras_module, tensorflow
 
 EVAL_BATCH_ROWS = 4096
 
@@ -17,7 +18,7 @@ EVAL_BATCH_ROWS = 4096
 def fit_callbacks(patience: int, epochs: int, learning_rate: float) -> list[Any]:
     """Early stopping on the validation loss with the best epoch restored, and a smaller step once the
     validation loss stalls, so the fit settles instead of bouncing around the minimum."""
-    import keras
+    keras = keras_module()
 
     patience = patience or epochs
     return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
@@ -48,8 +49,6 @@ def evaluate_batches(predict: Any, batches: Iterable[tuple[np.ndarray, np.ndarra
 def compiled_predict(model: Any, input_shape: tuple[int, ...], dtype: str = "float32") -> Any:
     """``model(x, training=False)`` as one ``tf.function`` traced once for every batch size (``predict_on_batch``
     would retrace for each new shape)."""
-    from .tfruntime import tensorflow
-
     tf = tensorflow()
     return tf.function(lambda x: model(x, training=False), autograph=False,
                        input_signature=[tf.TensorSpec((None, *input_shape), getattr(tf, dtype))])

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .tfruntime import keras_module
+
 HEADS = ("mlp", "linear")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 # Features whose training variance is below this are constant (dead ReLU channels): centred, not scaled, so that
@@ -178,7 +180,7 @@ def build_head(spec: HeadSpec, feature_dim: int, num_classes: int, mean: np.ndar
 
     Layer names are stable ("embedding", "normalize", "probabilities"): predict fuses the head by name.
     """
-    import keras
+    keras = keras_module()
 
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
@@ -200,7 +202,7 @@ def build_head(spec: HeadSpec, feature_dim: int, num_classes: int, mean: np.ndar
 
 
 def make_optimizer(name: str, learning_rate: float) -> Any:
-    import keras
+    keras = keras_module()
 
     classes = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
     if name not in classes:

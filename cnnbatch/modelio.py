@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import storage
+from .tfruntime import keras_module
 from .versions import library_versions
 from .weights import WeightsRef
 
@@ -293,7 +294,7 @@ def refuse_lambda_layers(data: bytes, what: str = "head") -> None:
 
 def load_head_bytes(data: bytes, what: str = "head") -> Any:
     """A Keras model from ``.keras`` bytes with ``safe_mode=True`` (no Lambda layers, no custom code)."""
-    import keras
+    keras = keras_module()
 
     refuse_lambda_layers(data, what)
     with tempfile.TemporaryDirectory(prefix="cnnbatch-head-") as tmp:

@@ -40,6 +40,14 @@ def tensorflow() -> Any:
     return tf
 
 
+def keras_module() -> Any:
+    """The ``keras`` module, with TensorFlow (its backend) imported through :func:`tensorflow` first."""
+    tensorflow()
+    import keras
+
+    return keras
+
+
 def share_gpus(tf: Any, gpus: list[Any]) -> None:
     """Allocate GPU memory as needed instead of all of it up front, so that several actors (or the training task
     and an actor) can share a GPU."""

@@ -26,7 +26,7 @@ from .fitting import EVAL_BATCH_ROWS, best_epoch, compiled_predict, evaluate_bat
 from .head import EXCLUDED, HEADS, OPTIMIZERS, TRAIN, VALIDATION, HeadSpec, build_head, class_weights, make_optimizer
 from .modelio import CONFUSION_FILE, CURVE_FILE, ModelError, ModelInfo, check_output, write_model_folder
 from .shards import InputError
-from .tfruntime import placement, tensorflow
+from .tfruntime import keras_module, placement, tensorflow
 from .weights import WeightsRef
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def execute_plan(plan: TrainPlan) -> TrainSummary:
     started = time.perf_counter()
     config = plan.config
     tensorflow()
-    import keras
+    keras = keras_module()
 
     index = index_rows(plan.sources, config.seed, config.validation_split)
     counts_train, counts_validation = index.counts(TRAIN), index.counts(VALIDATION)
