@@ -20,12 +20,12 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 from . import __version__
-from .storage import StorageError, redact
+from .storage import StorageError, describe_error, redact
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,12 @@ Resolver = Callable[[str, int], list[str]]
 SCHEMES = {"http": 80, "https": 443}
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-# Instance metadata services (AWS, GCP, Azure, OpenStack, AWS ECS tasks, Alibaba): they hand out credentials.
+# Instance metadata services: they hand out credentials. 169.254.169.254 (AWS, GCP, Azure, OpenStack), its IPv6
+# forms on AWS (fd00:ec2::254) and GCE (fd20:ce::254), the ECS task agent (169.254.170.2), the EKS Pod Identity
+# agent (169.254.170.23, fd00:ec2::23) and Alibaba's (100.100.100.200).
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200"))
+    "169.254.169.254", "fd00:ec2::254", "fd20:ce::254", "169.254.170.2", "169.254.170.23", "fd00:ec2::23",
+    "100.100.100.200"))
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal"})
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 CHUNK = 64 * 1024
@@ -207,11 +210,12 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext):
         super().__init__(host, port, timeout=timeout, context=context)
         self._address = address
+        self._tls = context
 
     def connect(self) -> None:
         raw = socket.create_connection((self._address, self.port), self.timeout)
         try:
-            self.sock = self._context.wrap_socket(raw, server_hostname=self.host)
+            self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
         except BaseException:
             raw.close()
             raise
@@ -235,7 +239,7 @@ class _Watchdog:
             except OSError:
                 pass
 
-    def __enter__(self) -> "_Watchdog":
+    def __enter__(self) -> _Watchdog:
         self._timer.start()
         return self
 
@@ -300,7 +304,7 @@ def _get(url: str, target: Target, policy: FetchPolicy, deadline: float) -> tupl
             raise FetchError(f"cannot fetch {shown}: took longer than the {policy.deadline:g}s deadline") from None
         if isinstance(exc, (socket.timeout, TimeoutError)):
             raise FetchError(f"cannot fetch {shown}: no data for {policy.read_timeout:g}s (timed out)") from None
-        raise FetchError(f"cannot fetch {shown}: {type(exc).__name__}: {exc}") from None
+        raise FetchError(f"cannot fetch {shown}: {describe_error(exc)}") from None
     finally:
         conn.close()
 

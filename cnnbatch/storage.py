@@ -2,21 +2,39 @@
 
 Object stores (s3, gs) give atomicity with a single PUT; filesystems with rename get it with a hidden temporary
 name that is renamed into place, so a reader (or a resumed run) never sees a half-written file.
+
+:func:`filesystem` is the one door to storage, and it opens storage protocols only (local paths, ``file://``,
+``s3://``, ``gs://``, ``memory://``, ``abfs://``): http(s), chained URLs (``simplecache::http://...``) and every
+other fsspec protocol are refused, so that no user- or manifest-supplied URI reaches the network around
+:mod:`cnnbatch.fetch`, the only code that fetches over http(s) (vetted addresses, redirects, size and deadline).
+
+Retries happen in one layer per request, so attempts never multiply. S3 requests are retried by botocore alone
+("standard" mode, :data:`S3_MAX_ATTEMPTS` attempts in all, jittered exponential backoff; it retries 5xx, 429,
+throttling codes such as SlowDown, and dropped or timed-out connections, on every request, including the ranged
+reads pyarrow makes through an open file); s3fs's own retry loop is set to one attempt. :func:`with_retries` then
+retries, with jittered exponential backoff, only transient errors that no library retried below it: errors of local
+filesystems (timeouts, resets, EAGAIN) and of reading an S3 response body after botocore returned it; an error that
+comes out of botocore's request layer (a ClientError, a connection error) is raised at once. Transience is decided
+from exception types, error codes, HTTP statuses and errnos (:func:`is_transient`), never from message text.
 """
 
 from __future__ import annotations
 
 import errno
+import http.client
 import logging
 import os
 import random
 import re
 import time
 import uuid
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from functools import cache
+from types import ModuleType
+from typing import Any, TypeVar
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +64,7 @@ class SecretEnv(dict):
     :meth:`apply`. Its repr names the variables only, so an error or log line that shows it leaks nothing."""
 
     @classmethod
-    def from_environ(cls) -> "SecretEnv":
+    def from_environ(cls) -> SecretEnv:
         return cls({k: v for k, v in os.environ.items() if is_secret_name(k)})
 
     def apply(self) -> None:
@@ -58,42 +76,151 @@ class SecretEnv(dict):
     __str__ = __repr__
 
 
+# A URL's scheme and "//"; what follows up to the authority's last "@" is its userinfo (RFC 3986 ends the
+# authority at "/", "?" or "#"; a raw "@" in a password is invalid but common, and urllib splits at the last one).
+_SCHEME = r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://"
+_USERINFO = re.compile(
+    rf"({_SCHEME})"
+    r"(?:"
+    r"[^\s/?#\"'<>]*"  # an authority holding "@": everything before its last "@"
+    r"|"
+    # "user:password@" whose password holds "/", "?" or "#" unescaped (e.g. an AWS secret key): the authority
+    # would end inside the password, so take the whole run up to its last "@" -- unless what follows the colon
+    # is a port ("host:8000/path/bob@example.com" stays as it is).
+    r"[^\s/?#\"'<>:@\[]+:(?!\d*(?:[/?#\s\"'<>]|$))[^\s\"'<>]*"
+    r")@"
+)
+
+
 def redact(text: str) -> str:
-    """Remove secret values from the environment and credentials embedded in URLs from ``text``."""
+    """Remove secret values from the environment and the userinfo of every URL from ``text``.
+
+    ``scheme://anything@host`` becomes ``scheme://***@host`` (a user name alone can be a token); e-mail
+    addresses outside URLs and URLs without userinfo are left as they are.
+    """
     for name, value in os.environ.items():
         if value and len(value) >= 6 and is_secret_name(name):
             text = text.replace(value, "***")
-    # scheme://user:password@host -> scheme://***@host
-    return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", r"\1***@", text)
+    return _USERINFO.sub(r"\1***@", text)
 
 
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return ``(fs, path)`` for an fsspec URL or a local path."""
-    options = {"use_listings_cache": False} if _protocol(uri) in OBJECT_STORES else {}
-    try:
-        return url_to_fs(uri, **options)
-    except ImportError as exc:  # e.g. s3:// without s3fs installed
-        raise StorageError(f"cannot open {uri!r}: {exc} (install cnnbatch[s3] or cnnbatch[gcs])") from None
-    except ValueError as exc:
-        raise StorageError(f"cannot open {uri!r}: {exc}") from None
+# --- the door: storage protocols only --------------------------------------------------------------------------
 
+# What filesystem() opens. Everything else fsspec knows (http, ftp, sftp, smb, github, caches, archives, reference,
+# dask, hf, ...) can reach the network or wrap something that does, and is refused.
+STORAGE_PROTOCOLS = frozenset({"file", "s3", "s3a", "gs", "gcs", "memory", "abfs", "az"})
+WEB_PROTOCOLS = frozenset({"http", "https"})
+SUPPORTED = "supported: local paths, file://, s3://, gs://, memory://, abfs://"
+WEB_REMEDY = ("for one image over http(s) use --image-url, which fetches through the vetted fetcher; "
+              f"other URIs must name storage ({SUPPORTED})")
 
 # Stores whose listings other processes change under us (actors write parts while the driver lists): fsspec's
 # listing cache would serve stale listings and make ``exists``/``size`` miss fresh objects, so it is off there.
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
 
 
-def _protocol(uri: str) -> str:
-    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+def _bit_protocol(bit: str, in_chain: bool = False) -> str:
+    """The protocol fsspec gives one element of a URL (``file`` for a plain path), lower case."""
+    protocol = split_protocol(bit)[0]
+    if protocol is None:
+        # In a chain, a bare word names a protocol ("simplecache::http://..."); alone, it is a relative path.
+        return bit.lower() if in_chain and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", bit) else "file"
+    return protocol.lower()
+
+
+def storage_protocol(uri: str) -> str:
+    """The storage protocol of ``uri`` (``file`` for a local path); :class:`StorageError` when it is not one
+    :func:`filesystem` opens. The message is one line naming the protocol found and the remedy."""
+    shown = redact(uri)
+    if "::" in uri:
+        chain = "::".join(_bit_protocol(bit, in_chain=True) for bit in uri.split("::"))
+        remedy = WEB_REMEDY if set(chain.split("::")) & WEB_PROTOCOLS else f"chained URLs are not opened; {SUPPORTED}"
+        raise StorageError(f"refused {shown}: the chained URL {chain} is not storage; {remedy}")
+    protocol = _bit_protocol(uri)
+    if protocol not in STORAGE_PROTOCOLS:
+        remedy = WEB_REMEDY if protocol in WEB_PROTOCOLS else SUPPORTED
+        named = f"{protocol}://" if "://" in uri else f"{protocol}:"
+        raise StorageError(f"refused {shown}: {named} is not a storage protocol; {remedy}")
+    return protocol
+
+
+def check_uri(uri: str) -> str:
+    """``uri`` itself when :func:`filesystem` would open it, without opening it; :class:`StorageError` if not."""
+    storage_protocol(uri)
+    return uri
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for a storage URL or a local path; :class:`StorageError` for anything else."""
+    protocol = storage_protocol(uri)
+    if "://" in uri:  # fsspec's registry knows protocols in lower case only ("S3://" would be "unknown")
+        uri = protocol + uri[uri.index("://"):]
+    try:
+        if protocol in ("s3", "s3a"):
+            fs, path = _s3_filesystem(uri)
+        else:
+            fs, path = url_to_fs(uri, **({"use_listings_cache": False} if protocol in OBJECT_STORES else {}))
+    except ImportError as exc:  # e.g. s3:// without s3fs installed
+        raise StorageError(f"cannot open {redact(uri)}: {exc} (install cnnbatch[s3] or cnnbatch[gcs])") from None
+    except ValueError as exc:
+        raise StorageError(f"cannot open {redact(uri)}: {describe_error(exc)}") from None
+    if not set(_protocols(fs)) & STORAGE_PROTOCOLS:  # e.g. fsspec's registry pointed elsewhere
+        raise StorageError(f"refused {redact(uri)}: it opened {type(fs).__name__}, which is not storage")
+    return fs, path
+
+
+# Attempts botocore makes per S3 request (the first one included), in "standard" retry mode.
+S3_MAX_ATTEMPTS = 5
+
+
+def s3_config() -> dict[str, Any]:
+    """botocore ``Config`` arguments of cnnbatch's S3 clients: botocore is the one layer retrying S3 requests."""
+    return {"retries": {"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS}}
+
+
+def _s3_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    cls = _s3_filesystem_class()
+    options = {**cls._get_kwargs_from_urls(uri), "use_listings_cache": False, "config_kwargs": s3_config()}
+    return cls(**options), cls._strip_protocol(uri)
+
+
+@cache
+def _s3_filesystem_class() -> Any:
+    """s3fs's filesystem with its own retry loop at one attempt (botocore retries; see the module docstring).
+
+    A subclass rather than an attribute set on an instance: a pickled filesystem (to a Ray actor) is rebuilt from
+    its class and arguments, and must come back configured the same. It is made on first use (importing s3fs
+    costs a quarter second), importable as ``cnnbatch.storage.OneLayerS3FileSystem``, and shares s3fs's instance
+    cache, so ``s3fs.S3FileSystem.clear_instance_cache()`` drops cnnbatch's clients too.
+    """
+    import s3fs
+
+    class OneLayerS3FileSystem(s3fs.S3FileSystem):
+        retries = 1  # s3fs's loop: one attempt, so that it never re-sends what botocore already retried
+
+    OneLayerS3FileSystem.__module__ = __name__
+    OneLayerS3FileSystem.__qualname__ = "OneLayerS3FileSystem"
+    OneLayerS3FileSystem._cache = s3fs.S3FileSystem._cache
+    globals()["OneLayerS3FileSystem"] = OneLayerS3FileSystem
+    return OneLayerS3FileSystem
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OneLayerS3FileSystem":  # unpickling a filesystem in a fresh process
+        return _s3_filesystem_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
 
 
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "s3" in protocols
+    return "s3" in _protocols(fs)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    protocols = _protocols(fs)
     return "file" in protocols or "local" in protocols
 
 
@@ -114,37 +241,139 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 # --- retries ---------------------------------------------------------------------------------------------------
 
-_TRANSIENT_MARKERS = (
-    "timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500", "502", "504",
-    "internalerror", "serviceunavailable", "connection reset", "connection aborted", "temporarily",
-    "requesttimeout", "too many requests", "429", "could not connect", "connection refused",
-    "serverdisconnected", "readtimeout", "connecttimeout", "broken pipe",
-)
+# HTTP statuses and service error codes worth another attempt: request timeout, throttling, server errors.
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+TRANSIENT_ERROR_CODES = frozenset({
+    # S3's own (https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html)
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted",
+    # botocore's throttling and transient codes (botocore.retries.standard)
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
+    "PriorRequestNotComplete", "EC2ThrottledException", "RequestTimeoutException",
+})
+# errnos of a dropped, refused or timed-out connection or a busy resource; s3fs translates S3's 503/SlowDown (and
+# 409 OperationAborted) to EBUSY and 500 InternalError to EREMOTEIO (s3fs/errors.py).
+TRANSIENT_ERRNOS = frozenset({
+    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN,
+    errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH,
+} - {errno.EIO})
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+@cache
+def _optional(name: str) -> ModuleType | None:
+    """An optional library's module (botocore, aiohttp, aiobotocore), or None when it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (s3fs raises its translated OSError ``from`` botocore's ClientError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
+def _client_error_is_transient(error: Any) -> bool:
+    response = getattr(error, "response", None) or {}
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    if code in TRANSIENT_ERROR_CODES:
+        return True
+    if code.isdigit() and int(code) in TRANSIENT_STATUSES:  # HEAD errors have no body: the code is the status
+        return True
+    return isinstance(status, int) and status in TRANSIENT_STATUSES
+
+
+def _verdict(exc: BaseException) -> bool | None:
+    """Whether ``exc`` by its type (or errno, or status) is transient; None when its type does not say."""
+    botocore = _optional("botocore.exceptions")
+    aiohttp = _optional("aiohttp")
+    if isinstance(exc, _PERMANENT):
+        return False
+    if botocore is not None and isinstance(exc, botocore.SSLError):
+        return False  # a certificate that does not verify stays so
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientSSLError):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, http.client.IncompleteRead)):
+        return True
+    if botocore is not None and isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError,
+                                                 botocore.IncompleteReadError)):
+        return True
+    parsers = _optional("botocore.parsers")
+    if parsers is not None and isinstance(exc, parsers.ResponseParserError):
+        return True  # throttling answers can come with invalid XML (s3fs issue 484)
+    if aiohttp is not None:
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return exc.status in TRANSIENT_STATUSES
+        if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+            return True
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether an error from a store is worth retrying (timeouts, 5xx, throttling, dropped connections)."""
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in (errno.ETIMEDOUT, errno.ECONNRESET, errno.EAGAIN):
-        return True
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    """Whether an error from a store is worth retrying (timeouts, 5xx, throttling, dropped connections).
+
+    Decided from types, codes and statuses: a botocore ClientError anywhere in the chain decides by its error
+    code and HTTP status; otherwise the first exception in the chain whose type (or errno) says. Message text is
+    never read: a missing ``part-000500`` is as permanent as any other missing file.
+    """
+    botocore = _optional("botocore.exceptions")
+    chain = list(_chain(exc))
+    if botocore is not None:
+        for link in chain:
+            if isinstance(link, botocore.ClientError):
+                return _client_error_is_transient(link)
+    for link in chain:
+        verdict = _verdict(link)
+        if verdict is not None:
+            return verdict
+    return False
+
+
+def retried_by_library(exc: BaseException) -> bool:
+    """Whether ``exc`` comes out of a library layer that already retried it: botocore's request layer (a service
+    error response, or a connection that failed or timed out), which :func:`filesystem` configures to make
+    :data:`S3_MAX_ATTEMPTS` attempts. Errors of reading a response body after botocore returned it are not."""
+    botocore = _optional("botocore.exceptions")
+    if botocore is None:
         return False
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(marker in text for marker in _TRANSIENT_MARKERS)
+    aioresponse = _optional("aiobotocore.response")
+    body_errors: tuple[type[BaseException], ...] = (botocore.ResponseStreamingError,)
+    if aioresponse is not None:
+        body_errors += (aioresponse.AioReadTimeoutError,)
+    for link in _chain(exc):
+        if isinstance(link, botocore.ClientError):
+            return True
+        if isinstance(link, (botocore.ConnectionError, botocore.HTTPClientError)) and not isinstance(link, body_errors):
+            return True
+    return False
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call ``fn``, retrying transient storage errors with jittered exponential backoff."""
+    """Call ``fn``, retrying transient storage errors with jittered exponential backoff.
+
+    Errors a library below already retried (:func:`retried_by_library`) are raised at once: one layer per request.
+    """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt == attempts or not is_transient(exc):
+            if attempt == attempts or not is_transient(exc) or retried_by_library(exc):
                 raise
             delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("transient error on %s (attempt %d/%d), retrying in %.1fs: %s",
-                        what, attempt, attempts, delay, redact(str(exc)))
+                        redact(what), attempt, attempts, delay, describe_error(exc))
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -290,11 +519,15 @@ def _iter_walk(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, 
             yield name, entry
 
 
+# " at 0x7f3a5c2e1d30" in an object's default repr: noise to a user, and an address is no business of a log
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def describe_error(exc: BaseException) -> str:
-    """A one-line, secret-free description of an exception."""
+    """A one-line, secret-free description of an exception (object reprs lose their memory addresses)."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    return redact(f"{name}: {message}" if message else name)
+    return _ADDRESS.sub("", redact(f"{name}: {message}" if message else name))
 
 
 def ensure_reachable(uri: str, must_exist: bool) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -1,7 +1,11 @@
-"""Backbone weights: ``imagenet`` (Keras' cache), ``random`` (seeded) or a notop weights file at any fsspec URL.
+"""Backbone weights: ``imagenet`` (Keras' cache), ``random`` (seeded) or a notop weights file on storage.
 
 The driver resolves ``--weights`` to a :class:`WeightsRef` once (hashing a file, checking it is readable) so bad
 weights fail before any actor starts; each node then fetches a file at most once into a content-addressed cache.
+A reference read back from data (a model's ``model.json``, a features dataset's metadata) is untrusted: it is
+validated (:func:`validate_weights_ref`) before anything is fetched, so that a manifest cannot point the predictor
+at an http server, a chained URL or a file that is no weights file, and every download is checked against the
+reference's sha256.
 """
 
 from __future__ import annotations
@@ -9,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from . import storage
 from .backbones import Backbone
@@ -20,8 +26,10 @@ from .backbones import Backbone
 log = logging.getLogger(__name__)
 
 WeightsKind = Literal["imagenet", "random", "file"]
+WEIGHTS_KINDS = ("imagenet", "random", "file")
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5")
 DEFAULT_RANDOM_SEED = 1337
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class WeightsError(ValueError):
@@ -48,8 +56,49 @@ class WeightsRef:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WeightsRef":
-        return cls(**{k: data.get(k) for k in ("kind", "uri", "sha256", "seed")})
+    def from_dict(cls, data: Mapping[str, Any]) -> WeightsRef:
+        """The reference as recorded (not validated: see :meth:`checked`)."""
+        if not isinstance(data, Mapping):
+            raise WeightsError(f"a weights reference must be a mapping, got {type(data).__name__}")
+        return cls(kind=cast(WeightsKind, data.get("kind")), uri=data.get("uri"), sha256=data.get("sha256"),
+                   seed=data.get("seed"))
+
+    def checked(self, where: str = "weights reference") -> WeightsRef:
+        """This reference, once :func:`validate_weights_ref` found it usable."""
+        return validate_weights_ref(self, where)
+
+
+def _shown(value: object) -> str:
+    """A value from untrusted data, quoted, on one line, short and without credentials."""
+    text = repr(value)
+    return storage.redact(text if len(text) <= 120 else text[:117] + "...")
+
+
+def validate_weights_ref(ref: WeightsRef, where: str = "weights reference") -> WeightsRef:
+    """``ref`` when it can be used as it says; :class:`WeightsError` (one line, starting with ``where``) if not.
+
+    The kind is imagenet, random or file; random needs an integer seed; a file needs the URI of a weights file
+    (``.weights.h5``, ``.h5``, ``.hdf5``) on storage that :func:`cnnbatch.storage.filesystem` opens (never http(s)
+    or a chained URL) and the 64 hex digits of its sha256, which the download is checked against.
+    """
+    if ref.kind not in WEIGHTS_KINDS:
+        raise WeightsError(f"{where}: kind must be one of {', '.join(WEIGHTS_KINDS)}; got {_shown(ref.kind)}")
+    if ref.kind == "random":
+        if not isinstance(ref.seed, int) or isinstance(ref.seed, bool):
+            raise WeightsError(f"{where}: random weights need an integer seed; got {_shown(ref.seed)}")
+        return ref
+    if ref.sha256 is not None or ref.kind == "file":
+        if not isinstance(ref.sha256, str) or not SHA256_HEX.fullmatch(ref.sha256):
+            raise WeightsError(f"{where}: sha256 must be 64 lower-case hex digits; got {_shown(ref.sha256)}")
+    if ref.kind == "file":
+        if not isinstance(ref.uri, str) or not ref.uri.endswith(WEIGHT_SUFFIXES):
+            raise WeightsError(f"{where}: a weights file's URI must end in {', '.join(WEIGHT_SUFFIXES)}; "
+                               f"got {_shown(ref.uri)}")
+        try:
+            storage.check_uri(ref.uri)
+        except storage.StorageError as exc:
+            raise WeightsError(f"{where}: {exc}") from None
+    return ref
 
 
 def cache_dir() -> Path:
@@ -64,9 +113,13 @@ def resolve_weights(spec: str, backbone: Backbone, seed: int = DEFAULT_RANDOM_SE
         return WeightsRef("imagenet", sha256=_imagenet_sha256(backbone))
     if not spec.endswith(WEIGHT_SUFFIXES):
         raise WeightsError(
-            f"--weights must be imagenet, random, or a notop weights file ({', '.join(WEIGHT_SUFFIXES)}); got {spec!r}"
+            f"--weights must be imagenet, random, or a notop weights file ({', '.join(WEIGHT_SUFFIXES)}); "
+            f"got {_shown(spec)}"
         )
-    fs, path = storage.filesystem(spec)
+    try:
+        fs, path = storage.filesystem(spec)
+    except storage.StorageError as exc:
+        raise WeightsError(f"--weights: {exc}") from None
     digest = hashlib.sha256()
     try:
         with fs.open(path, "rb") as handle:
@@ -121,7 +174,9 @@ def sha256_file(path: str | Path) -> str:
 
 def local_weights_file(ref: WeightsRef) -> str:
     """A local copy of a ``file`` weights reference, fetched once per node into a content-addressed cache."""
-    assert ref.kind == "file" and ref.uri and ref.sha256
+    validate_weights_ref(ref)
+    if ref.kind != "file" or ref.uri is None or ref.sha256 is None:
+        raise WeightsError(f"weights reference: {ref.kind} weights are not a file")
     suffix = next(s for s in WEIGHT_SUFFIXES if ref.uri.endswith(s))
     target = cache_dir() / "weights" / f"{ref.sha256}{suffix}"
     if target.exists():
@@ -134,7 +189,8 @@ def local_weights_file(ref: WeightsRef) -> str:
     got = sha256_file(tmp)
     if got != ref.sha256:
         tmp.unlink(missing_ok=True)
-        raise WeightsError(f"weights file {storage.redact(ref.uri)} changed during the run: sha256 {got}, expected {ref.sha256}")
+        raise WeightsError(f"weights file {storage.redact(ref.uri)} changed during the run: sha256 {got}, "
+                           f"expected {ref.sha256}")
     os.replace(tmp, target)
     log.info("cached weights %s at %s", storage.redact(ref.uri), target)
     return str(target)
@@ -142,6 +198,7 @@ def local_weights_file(ref: WeightsRef) -> str:
 
 def keras_weights_arg(ref: WeightsRef) -> str | None:
     """What to pass as ``weights=`` to the keras.applications constructor on this node."""
+    validate_weights_ref(ref)
     if ref.kind == "random":
         return None
     if ref.kind == "imagenet":

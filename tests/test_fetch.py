@@ -11,8 +11,8 @@ import io
 import ipaddress
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 import pytest
 from PIL import Image
@@ -207,6 +207,10 @@ def test_any_private_answer_refuses_the_name() -> None:
     ("0.0.0.0", "an unspecified address"), ("::", "an unspecified address"), ("240.0.0.1", "a reserved address"),
     ("100.64.0.1", "not a public address"),
     ("169.254.169.254", "a cloud metadata address"), ("fd00:ec2::254", "a cloud metadata address"),
+    ("169.254.170.2", "a cloud metadata address"), ("100.100.100.200", "a cloud metadata address"),
+    ("169.254.170.23", "a cloud metadata address"), ("fd00:ec2::23", "a cloud metadata address"),  # EKS Pod Identity
+    ("fd20:ce::254", "a cloud metadata address"),  # GCE's metadata server over IPv6
+    ("::ffff:169.254.170.23", "a cloud metadata address"), ("64:ff9b::a9fe:aa17", "a cloud metadata address"),
     ("::ffff:127.0.0.1", "a loopback address"), ("::ffff:169.254.169.254", "a cloud metadata address"),
     ("64:ff9b::a00:1", "a private address"), ("2002:c0a8:101::1", "a private address"),
     ("8.8.8.8", None), ("2001:4860:4860::8888", None),
@@ -215,7 +219,34 @@ def test_address_classification(address: str, reason: str | None) -> None:
     assert address_refusal(ipaddress.ip_address(address)) == reason
 
 
-def test_allow_private_still_refuses_metadata() -> None:
+@pytest.mark.parametrize("address", ["169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200",
+                                     "169.254.170.23", "fd00:ec2::23", "fd20:ce::254", "::ffff:169.254.170.23"])
+def test_allow_private_still_refuses_metadata(address: str) -> None:
     assert address_refusal(ipaddress.ip_address("10.0.0.1"), allow_private=True) is None
     assert address_refusal(ipaddress.ip_address("127.0.0.1"), allow_private=True) is None
-    assert address_refusal(ipaddress.ip_address("169.254.169.254"), allow_private=True) == "a cloud metadata address"
+    assert address_refusal(ipaddress.ip_address("fd20:ce::253"), allow_private=True) is None, "only the agent itself"
+    assert address_refusal(ipaddress.ip_address(address), allow_private=True) == "a cloud metadata address"
+
+
+@pytest.mark.parametrize("address", ["169.254.170.23", "fd00:ec2::23", "fd20:ce::254"])
+def test_a_name_resolving_to_a_metadata_agent_is_refused_without_a_hint(address: str) -> None:
+    policy = FetchPolicy(allow_private=True)
+    with pytest.raises(FetchError) as info:
+        vet_url("http://agent.test/v1/credentials", policy, lambda host, _port: [address])
+    message = str(info.value)
+    assert message.endswith(f"agent.test ({address}) is a cloud metadata address")
+    assert "--allow-private-urls" not in message
+
+
+def test_connection_errors_are_one_line_without_addresses() -> None:
+    """A refused connection (nothing listens on the port) is named by its type, with no object repr."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(FetchError) as info:
+        fetch_url(f"http://127.0.0.1:{port}/x.png", PRIVATE_OK)
+    message = str(info.value)
+    assert message.startswith(f"cannot fetch http://127.0.0.1:{port}/x.png: ConnectionRefusedError")
+    assert "\n" not in message and " at 0x" not in message

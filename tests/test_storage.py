@@ -228,10 +228,13 @@ def _s3_error(code: str, message: str) -> bytes:
 
 class FakeS3Handler(BaseHTTPRequestHandler):
     """Object keys say what to answer: ``ok/...``, ``flaky-N/...`` (503 N times, then the object),
-    ``always-503/...``, ``always-500/...``, ``forbidden/...``, ``missing/...``. Every request is counted."""
+    ``always-503/...``, ``always-500/...``, ``get-503/...`` (its HEAD answers, every GET is a 503 SlowDown),
+    ``forbidden/...``, ``missing/...``. Every request is counted, as
+    ``"METHOD /bucket/key"``."""
 
     protocol_version = "HTTP/1.1"
     counts: Counter[str] = Counter()
+    per_path: Counter[str] = Counter()
     lock = threading.Lock()
     body = b"object bytes"
 
@@ -255,13 +258,15 @@ class FakeS3Handler(BaseHTTPRequestHandler):
             self.rfile.read(length)
         path = urlsplit(self.path).path
         with self.lock:
-            self.counts[path] += 1
-            seen = self.counts[path]
+            self.counts[f"{self.command} {path}"] += 1
+            self.per_path[path] += 1
+            seen = self.per_path[path]
         key = path.split("/", 2)[2] if path.count("/") >= 2 else ""
         kind = key.split("/", 1)[0]
-        if kind == "ok" or (kind.startswith("flaky-") and seen > int(kind.split("-")[1])):
+        if kind == "ok" or (kind.startswith("flaky-") and seen > int(kind.split("-")[1])) or (
+                kind == "get-503" and self.command == "HEAD"):
             self._answer(200, self.body, "application/octet-stream")
-        elif kind.startswith("flaky-") or kind == "always-503":
+        elif kind.startswith("flaky-") or kind in ("always-503", "get-503"):
             self._answer(503, _s3_error("SlowDown", "Please reduce your request rate."))
         elif kind == "always-500":
             self._answer(500, _s3_error("InternalError", "We encountered an internal error. Please try again."))
@@ -302,6 +307,7 @@ def fake_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Counter[str], lis
     our_sleeps: list[float] = []
     monkeypatch.setattr(storage.time, "sleep", our_sleeps.append)
     FakeS3Handler.counts = Counter()
+    FakeS3Handler.per_path = Counter()
     s3fs.S3FileSystem.clear_instance_cache()
     yield FakeS3Handler.counts, backoffs
     s3fs.S3FileSystem.clear_instance_cache()
@@ -319,29 +325,37 @@ def test_s3_404_and_403_are_requested_once(fake_s3: tuple[Counter[str], list[int
     with pytest.raises(error) as info:
         storage.read_bytes(fs, path)
     assert not storage.is_transient(info.value)
-    # s3fs may look once more (a 404 object: is it a "folder"? one listing), but never asks anything twice
-    assert counts[f"/bucket/{key}"] == 1 and set(counts.values()) == {1} and backoffs == []
+    # s3fs reads the object's HEAD first and, for a 404, lists once to tell a "folder"; nothing is asked twice
+    assert counts[f"HEAD /bucket/{key}"] == 1 and set(counts.values()) == {1} and backoffs == []
+    assert f"GET /bucket/{key}" not in counts
 
 
 def test_s3_503_is_retried_until_it_answers(fake_s3: tuple[Counter[str], list[int]]) -> None:
     counts, backoffs = fake_s3
     fs, path = storage.filesystem("s3://bucket/flaky-2/a.jpg")
     assert storage.read_bytes(fs, path) == FakeS3Handler.body
-    assert counts == Counter({"/bucket/flaky-2/a.jpg": 3}) and backoffs == [1, 2]
+    # the HEAD s3fs starts with met the two 503s (botocore retried it twice), then the object was read once
+    assert counts == Counter({"HEAD /bucket/flaky-2/a.jpg": 3, "GET /bucket/flaky-2/a.jpg": 1})
+    assert backoffs == [1, 2]
 
 
-@pytest.mark.parametrize("key", ["always-503/a.jpg", "always-500/a.jpg"])
+@pytest.mark.parametrize("key, method", [("always-503/a.jpg", "HEAD"), ("always-500/a.jpg", "HEAD"),
+                                         ("get-503/a.jpg", "GET")])
 @pytest.mark.parametrize("attempts", [storage.S3_MAX_ATTEMPTS, 3])
 def test_s3_always_failing_is_requested_once_per_attempt_of_the_one_layer(
-        fake_s3: tuple[Counter[str], list[int]], monkeypatch: pytest.MonkeyPatch, key: str, attempts: int) -> None:
-    """Not s3fs's 5 x botocore's 5 x ours 5: botocore's attempts alone, whatever wraps the call."""
+        fake_s3: tuple[Counter[str], list[int]], monkeypatch: pytest.MonkeyPatch, key: str, method: str,
+        attempts: int) -> None:
+    """Not s3fs's 5 x botocore's 5 x ours 5: botocore's attempts alone, whatever wraps the call. (Stock s3fs
+    re-sends a SlowDown GET in its own loop: 25 GETs for ``get-503`` under botocore's default 5 attempts.)"""
     counts, backoffs = fake_s3
     monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", attempts)
     fs, path = storage.filesystem(f"s3://bucket/{key}")
     with pytest.raises(OSError) as info:
         storage.with_retries(lambda: storage.read_bytes(fs, path), "read twice wrapped", attempts=4)
     assert storage.is_transient(info.value) and storage.retried_by_library(info.value)
-    assert counts == Counter({f"/bucket/{key}": attempts})
+    assert counts[f"{method} /bucket/{key}"] == attempts
+    assert counts == Counter({f"HEAD /bucket/{key}": attempts if method == "HEAD" else 1,
+                              **({f"GET /bucket/{key}": attempts} if method == "GET" else {})})
     assert backoffs == list(range(1, attempts))
 
 
@@ -487,11 +501,18 @@ def test_other_protocols_are_refused_with_the_supported_list(served: str, templa
     assert CountingHandler.requests == []
 
 
-def test_storage_protocols_open(tmp_path: Path) -> None:
+def test_storage_protocols_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a.txt").write_bytes(b"local")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "b.txt").write_bytes(b"relative")
     for uri in (str(tmp_path / "a.txt"), f"file://{tmp_path}/a.txt"):
         fs, path = storage.filesystem(uri)
         assert storage.is_local(fs) and storage.read_bytes(fs, path) == b"local"
+    monkeypatch.chdir(tmp_path)
+    for relative in ("images", "images/b.txt", "./images", "a.txt"):  # a bare word alone is a path, not a protocol
+        assert storage.storage_protocol(relative) == "file"
+    fs, path = storage.filesystem("images")
+    assert fs.ls(path, detail=False) == [str(tmp_path / "images" / "b.txt")]
     fs, path = storage.filesystem("memory://cnnbatch-test/a.txt")
     storage.write_bytes_atomic(fs, path, b"memory")
     assert storage.read_bytes(*storage.filesystem("MEMORY://cnnbatch-test/a.txt")) == b"memory"
@@ -547,7 +568,7 @@ def test_manifest_weights_over_http_never_reach_the_server(served: str, weights_
 
 def test_manifest_weights_through_a_chained_url_never_reach_the_server(served: str, weights_cache: Path) -> None:
     for uri in (f"simplecache::http://{served}/w.weights.h5", f"blockcache::http://{served}/w.h5",
-                f"filecache::s3://bucket/w.weights.h5"):
+                "filecache::s3://bucket/w.weights.h5"):
         ref = WeightsRef.from_dict({"kind": "file", "uri": uri, "sha256": HEX})
         _one_line_weights_error(ref, "weights reference: refused", "the chained URL")
     assert CountingHandler.requests == [] and not weights_cache.exists()
