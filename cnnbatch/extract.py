@@ -16,9 +16,8 @@ from .cluster import default_gpus, resolve_precision_for_workers
 from .config import log_config, option, require, to_dict
 from .decode import DECODE_VERSION
 from .embed import Embedder, ModelSpec
-from .output import OutputDataset
 from .parquetio import with_metadata
-from .pipeline import JobSummary, fingerprint_of, run_sharded_job
+from .pipeline import JobSummary, ShardedJob, fingerprint_of, run_sharded_job
 from .pool import PoolOptions
 from .precision import PRECISIONS
 from .versions import library_versions
@@ -133,7 +132,8 @@ def extraction_fingerprint(model: ModelSpec) -> str:
                            "decode": DECODE_VERSION, "precision": model.precision})
 
 
-def run_extract(config: ExtractConfig) -> JobSummary:
+def prepare_extract(config: ExtractConfig) -> ShardedJob:
+    """Check what the driver can check (backbone, size, input reachable, weights) and describe the job."""
     log_config(config)
     backbone = get_backbone(config.backbone)
     size = backbone.check_size(config.image_size)
@@ -141,12 +141,13 @@ def run_extract(config: ExtractConfig) -> JobSummary:
     weights: WeightsRef = resolve_weights(config.weights, backbone, seed=config.seed)
     gpus = default_gpus(config.gpus_per_worker)
     model = ModelSpec(backbone.name, size, weights, resolve_precision_for_workers(config.precision, gpus))
-    task = ExtractTask(model, config.batch_size, feature_metadata(model))
     recorded = to_dict(config) | {"weights_identity": weights.identity, "image_size": size,
                                   "precision": model.precision}
-    output = OutputDataset(config.output)
-    return run_sharded_job(
-        input_uri=config.input, shard_size=config.shard_size, output=output, task=task,
-        fingerprint=extraction_fingerprint(model), config=recorded,
-        pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite,
-    )
+    return ShardedJob(input_uri=config.input, shard_size=config.shard_size, output_uri=config.output,
+                      task=ExtractTask(model, config.batch_size, feature_metadata(model)),
+                      fingerprint=extraction_fingerprint(model), config=recorded,
+                      pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite)
+
+
+def run_extract(config: ExtractConfig) -> JobSummary:
+    return run_sharded_job(prepare_extract(config))

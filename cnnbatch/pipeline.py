@@ -104,10 +104,25 @@ def pending_shards(shards: Iterable[Shard], output: OutputDataset, fingerprint: 
             yield shard
 
 
-def run_sharded_job(*, input_uri: str, shard_size: int, output: OutputDataset, task: ShardTask,
-                    fingerprint: str, config: dict[str, Any], pool: PoolOptions, overwrite: bool,
-                    lock_wait_seconds: float = 0.0) -> JobSummary:
-    """Run ``task`` over every pending shard of ``input_uri`` into ``output``; the shared body of every job."""
+@dataclass(frozen=True)
+class ShardedJob:
+    """Everything a sharded job's driver needs, as the job prepared it (extract.prepare_extract, predict...)."""
+
+    input_uri: str
+    shard_size: int
+    output_uri: str
+    task: ShardTask
+    fingerprint: str  # what makes two runs' outputs interchangeable (the resume key)
+    config: dict[str, Any]  # recorded in _cnnbatch.json and _SUCCESS (redacted)
+    pool: PoolOptions
+    overwrite: bool = False
+
+
+def run_sharded_job(job: ShardedJob, lock_wait_seconds: float = 0.0) -> JobSummary:
+    """Run the job's task over every pending shard of its input into its output; the shared body of every job."""
+    input_uri, shard_size, task, fingerprint = job.input_uri, job.shard_size, job.task, job.fingerprint
+    config, pool, overwrite = job.config, job.pool, job.overwrite
+    output = OutputDataset(job.output_uri)
     started = time.perf_counter()
     summary = JobSummary(output=output.uri)
     lock = output.acquire_lock(lock_wait_seconds)

@@ -29,9 +29,8 @@ from .config import log_config, option, require, to_dict
 from .decode import DECODE_VERSION, DecodeError, decode_image
 from .fetch import SCHEMES, FetchPolicy, fetch_url
 from .modelio import MANIFEST_FILE, ModelError, ModelInfo, load_model_folder
-from .output import OutputDataset
 from .parquetio import with_metadata
-from .pipeline import JobSummary, fingerprint_of, run_sharded_job
+from .pipeline import JobSummary, ShardedJob, fingerprint_of, run_sharded_job
 from .pool import PoolOptions
 from .precision import PRECISIONS
 from .predictor import Predictor, top_k
@@ -212,7 +211,8 @@ def run_predict(config: PredictConfig) -> JobSummary | ImagePrediction:
     return predict_image(config) if config.one_image else predict_bulk(config)
 
 
-def predict_bulk(config: PredictConfig) -> JobSummary:
+def prepare_predict(config: PredictConfig) -> ShardedJob:
+    """Check the input and the model folder on the driver, and describe the bulk job."""
     assert config.input is not None and config.output is not None
     log_config(config)
     storage.ensure_reachable(config.input, must_exist=True)
@@ -222,11 +222,13 @@ def predict_bulk(config: PredictConfig) -> JobSummary:
     task = PredictTask(config.model, info, precision, config.top_k, config.batch_size,
                        prediction_metadata(config.model, digest, info, precision, config.top_k))
     recorded = to_dict(config) | {"model_sha256": digest, "precision": precision}
-    return run_sharded_job(
-        input_uri=config.input, shard_size=config.shard_size, output=OutputDataset(config.output), task=task,
-        fingerprint=prediction_fingerprint(digest, config.top_k, precision), config=recorded,
-        pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite,
-    )
+    return ShardedJob(input_uri=config.input, shard_size=config.shard_size, output_uri=config.output, task=task,
+                      fingerprint=prediction_fingerprint(digest, config.top_k, precision), config=recorded,
+                      pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite)
+
+
+def predict_bulk(config: PredictConfig) -> JobSummary:
+    return run_sharded_job(prepare_predict(config))
 
 
 @dataclass
