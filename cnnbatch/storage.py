@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -184,7 +185,9 @@ def _s3_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return cls(**options), cls._strip_protocol(uri)
 
 
-@cache
+_S3_CLASS_LOCK = threading.Lock()
+
+
 def _s3_filesystem_class() -> Any:
     """s3fs's filesystem with its own retry loop at one attempt (botocore retries; see the module docstring).
 
@@ -193,16 +196,20 @@ def _s3_filesystem_class() -> Any:
     costs a quarter second), importable as ``cnnbatch.storage.OneLayerS3FileSystem``, and shares s3fs's instance
     cache, so ``s3fs.S3FileSystem.clear_instance_cache()`` drops cnnbatch's clients too.
     """
-    import s3fs
+    with _S3_CLASS_LOCK:  # one class per process: pickle finds it by name and checks it is the same object
+        made = globals().get("OneLayerS3FileSystem")
+        if made is not None:
+            return made
+        import s3fs
 
-    class OneLayerS3FileSystem(s3fs.S3FileSystem):
-        retries = 1  # s3fs's loop: one attempt, so that it never re-sends what botocore already retried
+        class OneLayerS3FileSystem(s3fs.S3FileSystem):
+            retries = 1  # s3fs's loop: one attempt, so that it never re-sends what botocore already retried
 
-    OneLayerS3FileSystem.__module__ = __name__
-    OneLayerS3FileSystem.__qualname__ = "OneLayerS3FileSystem"
-    OneLayerS3FileSystem._cache = s3fs.S3FileSystem._cache
-    globals()["OneLayerS3FileSystem"] = OneLayerS3FileSystem
-    return OneLayerS3FileSystem
+        OneLayerS3FileSystem.__module__ = __name__
+        OneLayerS3FileSystem.__qualname__ = "OneLayerS3FileSystem"
+        OneLayerS3FileSystem._cache = s3fs.S3FileSystem._cache
+        globals()["OneLayerS3FileSystem"] = OneLayerS3FileSystem
+        return OneLayerS3FileSystem
 
 
 def __getattr__(name: str) -> Any:

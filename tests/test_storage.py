@@ -12,6 +12,8 @@ import hashlib
 import http.client
 import io
 import pickle
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -364,9 +366,16 @@ def test_s3_filesystem_is_configured_and_pickles_configured(fake_s3: tuple[Count
     assert isinstance(fs, s3fs.S3FileSystem) and fs.retries == 1
     assert fs.config_kwargs == storage.s3_config()
     assert storage.filesystem("S3://bucket/ok/a.jpg")[0] is fs, "one cached client per configuration"
-    clone = pickle.loads(pickle.dumps(fs))  # as a Ray actor receives it
+    clone = pickle.loads(pickle.dumps(fs))
     assert type(clone) is type(fs) and clone.retries == 1 and clone.config_kwargs == storage.s3_config()
     assert storage.read_bytes(clone, "bucket/ok/a.jpg") == FakeS3Handler.body
+    # as a Ray actor receives it: a fresh process that never called filesystem() rebuilds the configured class
+    script = ("import pickle, sys; fs = pickle.loads(sys.stdin.buffer.read()); "
+              "print(type(fs).__module__, type(fs).__name__, fs.retries, fs.config_kwargs['retries'])")
+    done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(fs), capture_output=True, timeout=60,
+                          check=True)
+    assert done.stdout.decode().split(" ", 3) == [
+        "cnnbatch.storage", "OneLayerS3FileSystem", "1", f"{storage.s3_config()['retries']}\n"]
 
 
 def test_moto_round_trip_through_the_configured_client(s3_env: S3Server) -> None:
