@@ -174,13 +174,13 @@ def throughput_section(r: dict[str, Any]) -> list[str]:
             "(what P1's bare run feeds it; bench/worker_ab.py, one process, interleaved). Ray's presence costs "
             "the rest: a private cluster holding one idle actor keeps 0.028 cores of this machine busy (GCS, "
             "raylet, agents, the actor's core-worker threads), and the bare model beside it runs at 0.986 of "
-            "its speed alone (`python -m bench.ray_background`, 2 rounds, medians 28.83 and 29.25 images/s, "
+            "its speed alone (`python -m bench.experiments.ray_background`, 2 rounds, medians 28.83 and 29.25 images/s, "
             "26 Nov 2026); the knobs that quiet a raylet (memory monitor, resource reports, task events) "
             "changed the idle cluster's 0.03 cores by less than the noise. Ray's own processes used "
             f"{r['cpu_seconds_10n'].get('ray', 0.0):.1f} CPU-seconds during the {big}-image job "
             f"({r['cpu_seconds_10n']['wall']:.0f} s wall, start-up included), most of it at start-up; a job's "
             "private local cluster runs no dashboard, no metrics and no idle workers started ahead "
-            "(pipeline.PRIVATE_CLUSTER_CONFIG).",
+            "(cluster.PRIVATE_CLUSTER_CONFIG).",
             f"- At VGG16's own size, {r['p1_default_size']['image_size']} px, where each image carries "
             f"{(r['p1_default_size']['image_size'] / c['image_size']) ** 2:.1f}x the arithmetic for about "
             f"the same decoding: bare {_fmt(r['p1_default_size']['bare'])} images/s, cnnbatch "
@@ -266,7 +266,7 @@ def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str
            "`tf.function` (embed.Embedder): 4x fewer bytes than float32 between decode and model.",
            f"- XLA (`jit_compile`): bare VGG16 bfloat16 {_fmt(b['vgg16_bf16'])} images/s without, "
            f"{_fmt(b['vgg16_bf16_xla'])} with ({b['vgg16_bf16_xla'] / b['vgg16_bf16']:.2f}x) on this CPU: kept off "
-           "for CPUs (embed.XLA_BY_DEVICE). TensorFlow could not run on the lent GPU, so there it stays off too "
+           "for CPUs (tfruntime.XLA_BY_DEVICE). TensorFlow could not run on the lent GPU, so there it stays off too "
            "(unmeasured); the GPU section shows what XLA (through JAX) did for the same models there"
            + (f": {xla_gain(gpu)}." if gpu else "."),
            f"- Batches in flight (worker.process_shard runs the model in its own thread): on this CPU one batch "
@@ -284,18 +284,18 @@ def fast_path_section(r: dict[str, Any], gpu: dict[str, Any] | None) -> list[str
             "sharing the GPU did 2,686 and 3,129 images/s with it against 4,031 and 3,690 without, one process "
             "1,183 and 1,126 against 1,278 and 1,252: more threads contending for the GIL. Each decode thread "
             "reads its own image.",
-            "- CPU actors start TensorFlow with thread spinning off (embed.quiet_idle_threads; the bare figures "
+            "- CPU actors start TensorFlow with thread spinning off (tfruntime.quiet_idle_threads; the bare figures "
             "here use the same setting): its pools sleep as soon as they run out of work, and the decode threads get "
             "those moments. Worker alone, 400 JPEGs at 160 px, 5 interleaved pairs of processes (26 Nov 2026): 0.971 "
             "of the bare model against 0.962 with spinning, ahead in 4 of 5; the bare model ran as fast either way.",
             "- Not kept: decoding and the model taking turns on CPU actors (decodes wait while the model computes). "
-            "Inside a Ray actor (`python -m bench.decode_gate_ab --ray`, 26 Nov 2026, 3 rounds, medians): bare "
+            "Inside a Ray actor (`python -m bench.experiments.decode_gate_ab --ray`, 26 Nov 2026, 3 rounds, medians): bare "
             "27.8 images/s; decoding alongside 26.9, the model itself at 27.0; taking turns 26.6, the model at 27.6 "
             "(a fourth round: 27.4 alongside, 27.7 turns). It frees the model from contention, and each batch then "
             "waits about as long for its images: a wash within this machine's noise (a `make bench` with it shipped "
             "gave P1 0.901).",
             f"- Decode threads: sized to the CPUs the actor holds (worker.decode_threads_for, at least 2); a GPU "
-            "actor takes its GPU's share of the node's CPUs (pipeline.decode_cpus).",
+            "actor takes its GPU's share of the node's CPUs (pool.decode_cpus).",
             f"- Bare InceptionV3 at {r['config']['image_size']} px, bfloat16: {_fmt(b['inceptionv3_bf16'])} "
             "images/s (the `cnnbatch plan` default for CPUs).", ""]
     return out
@@ -392,9 +392,9 @@ def reproduce_section() -> list[str]:
     return ["## How to reproduce", "",
             "```", "make bench            # CPU figures (this page), under 15 minutes on 2 cores",
             ".venv/bin/python -m bench.run --quick --doc /tmp/b.md --chart /tmp/b.png   # the harness at tiny sizes",
-            ".venv/bin/python -m bench.ray_vs_worker --input bench/results/work/jpegs-400   # P1's gap: Ray or worker?",
-            ".venv/bin/python -m bench.ray_background   # the bare model alone and beside an idle private cluster",
-            ".venv/bin/python -m bench.decode_gate_ab --input bench/results/work/jpegs-400  # decode waits for model?",
+            ".venv/bin/python -m bench.experiments.ray_vs_worker --input bench/results/work/jpegs-400   # P1's gap: Ray or worker?",
+            ".venv/bin/python -m bench.experiments.ray_background   # the bare model alone and beside an idle private cluster",
+            ".venv/bin/python -m bench.experiments.decode_gate_ab --input bench/results/work/jpegs-400  # decode waits for model?",
             "```", "",
             "GPU figures, on a machine with an NVIDIA GPU, PyTorch and/or JAX, and keras installed "
             "(results in bench/gpu_results.json):", "",

@@ -1,11 +1,10 @@
 """Images per model call when ``--batch-size`` is left out: sized to the device each actor holds.
 
-CPUs: 32 (bare VGG16 bfloat16 at 160 px on the bench CPU, best of 2: 27.9, 29.1, 29.5, 29.8 images/s at 16, 32,
-64, 128; the gains past 32 are within that machine's noise). GPUs: the largest power of two up to 256 whose
+CPUs: 32 (larger batches gained nothing measurable on CPUs). GPUs: the largest power of two up to 256 whose
 activations fit half of the actor's share of its GPU's memory, the rest left for weights, cuDNN workspaces and the
-allocator. On the H100 going from 64 to 256 images per call ran the backbones 1.1-3.9x faster (docs/benchmarks.md),
-while a quarter of a small GPU (``--gpus-per-worker 0.25`` on 16 GB) holds far less than 256 VGG16 images at 224 px.
-Each actor decides for itself, since a cluster's GPUs need not all be alike.
+allocator: large batches are much faster on a GPU (docs/benchmarks.md, "GPU"), while a quarter of a small GPU
+(``--gpus-per-worker 0.25`` on 16 GB) holds far less than 256 VGG16 images at 224 px. Each actor decides for
+itself, since a cluster's GPUs need not all be alike.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from .precision import check_precision, local_precision
 log = logging.getLogger(__name__)
 _configured = False
 
-# XLA (jit_compile) per device type, only where it measured faster (docs/benchmarks.md, "XLA").
+# XLA (jit_compile) per device type, only where it measured faster (docs/benchmarks.md, "The fast path").
 XLA_BY_DEVICE = {"CPU": False, "GPU": False}
 
 
@@ -60,7 +60,7 @@ def share_gpus(tf: Any, gpus: list[Any]) -> None:
 
 def quiet_idle_threads() -> bool:
     """On a CPU, let TensorFlow's thread pools sleep as soon as they run out of work instead of spinning first, so
-    the moments they wait go to the decode threads sharing their cores (docs/benchmarks.md, "thread spinning").
+    the moments they wait go to the decode threads sharing their cores (docs/benchmarks.md, "The fast path").
 
     Must run before TensorFlow's runtime starts; returns whether it took effect. There is no public setter for
     this ConfigProto field, hence the eager context's own attribute.

@@ -7,7 +7,7 @@ decoding and memory stays bounded. With ``batches_in_flight`` > 1 the model runs
 batches are stacked, so an accelerator is handed its next batch as soon as it finishes one.
 
 Each decode thread reads its image, then decodes it: separate read threads and decodes that wait while the model
-computes were measured and not kept (docs/benchmarks.md, "Worker alternatives").
+computes were measured and not kept (docs/benchmarks.md, "The fast path").
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.images import write_folder
 from cnnbatch import worker
 from cnnbatch.decode import decode_image
 from cnnbatch.extract import embeddings_table, feature_schema
 from cnnbatch.output import OutputDataset
+from cnnbatch.sample import write_photo_folder
 from cnnbatch.shards import list_shards
 
 
@@ -45,7 +45,7 @@ class Task:
 
 @pytest.fixture()
 def shard(tmp_path: Path):
-    folder = write_folder(tmp_path / "in", 20, size=(40, 30), classes=2)
+    folder = write_photo_folder(tmp_path / "in", 20, size=(40, 30), classes=2)
     return next(iter(list_shards(str(folder), shard_size=100)))
 
 
@@ -133,3 +133,72 @@ def test_a_task_whose_batch_size_is_undecided_is_refused(shard, tmp_path: Path) 
 
     with pytest.raises(ValueError, match="batch size must be decided"):
         worker.process_shard(shard, Undecided(), SlowMeanColour(0.0, []), OutputDataset(str(tmp_path / "o")), "f")
+
+
+# --- batches in flight: the same rows whatever the depth, one long-lived model thread -------------------------
+
+class MeanColour:
+    """A stand-in model (numpy, no TensorFlow): each image's mean RGB, so outputs can be checked exactly."""
+
+    def __init__(self, fail_on_call: int | None = None):
+        self.calls, self.fail_on_call, self.threads = 0, fail_on_call, set()
+
+    def __call__(self, batch: dict) -> dict:
+        import threading
+
+        self.calls += 1
+        self.threads.add(threading.get_ident())
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("model failed")
+        return {"embedding": batch["image"].reshape(len(batch["image"]), -1, 3).mean(axis=1).astype("float32")}
+
+
+class MeanColourTask:
+    image_size, batch_size, views = 16, 4, 1
+
+    def variants(self, key, pixels):
+        return pixels[None]
+
+    def make_model(self) -> MeanColour:
+        return MeanColour()
+
+    def make_table(self, model, keys, labels, outputs):
+        from cnnbatch.extract import embeddings_table, feature_schema
+
+        return embeddings_table(keys, labels, outputs["embedding"][:, 0], feature_schema(3, {}))
+
+
+def test_batches_in_flight_give_the_same_rows_on_long_lived_threads(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from cnnbatch.output import OutputDataset
+    from cnnbatch.shards import list_shards
+    from cnnbatch.worker import process_shard
+
+    folder = write_photo_folder(tmp_path / "in", 10, size=(40, 30), classes=2)
+    shard = next(iter(list_shards(str(folder), shard_size=100)))
+    tables, model = {}, MeanColour()
+    for depth in (1, 2, 3):
+        output = OutputDataset(str(tmp_path / f"out-{depth}"))
+        stats = process_shard(shard, MeanColourTask(), model, output, "f", decode_threads=2, batches_in_flight=depth)
+        assert stats.rows == 10 and stats.errors == 0
+        assert 0 < stats.started_at <= stats.first_batch_at <= stats.finished_at and stats.first_batch_images == 4
+        assert output.read_stats(shard.shard_id) == stats  # the timeline is in the done marker
+        tables[depth] = pq.read_table(output.part_path(shard.shard_id))
+    assert tables[1].equals(tables[2]) and tables[1].equals(tables[3])  # same rows, same order
+    assert len(model.threads) == 1  # one model thread, kept from shard to shard
+    with pytest.raises(ValueError, match="batches_in_flight must be at least 1, got 0"):
+        process_shard(shard, MeanColourTask(), model, OutputDataset(str(tmp_path / "x")), "f", 2, 0)
+
+
+def test_a_failing_batch_fails_the_shard_and_the_next_shard_still_runs(tmp_path: Path) -> None:
+    from cnnbatch.output import OutputDataset
+    from cnnbatch.shards import list_shards
+    from cnnbatch.worker import process_shard
+
+    folder = write_photo_folder(tmp_path / "in", 12, size=(40, 30), classes=1)
+    shard = next(iter(list_shards(str(folder), shard_size=100)))
+    output = OutputDataset(str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="model failed"):
+        process_shard(shard, MeanColourTask(), MeanColour(fail_on_call=2), output, "f", 2, 2)
+    assert process_shard(shard, MeanColourTask(), MeanColour(), output, "f", 2, 2).rows == 12
