@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -185,15 +186,30 @@ def local_weights_file(ref: WeightsRef) -> str:
     fs, path = storage.filesystem(ref.uri)
     # Several actors on one node may race here: each downloads to its own temporary name, renames atomically.
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    storage.with_retries(lambda: fs.get_file(path, str(tmp)), f"download {storage.redact(ref.uri)}")
-    got = sha256_file(tmp)
+    try:
+        storage.with_retries(lambda: fs.get_file(path, str(tmp)), f"download {storage.redact(ref.uri)}")
+        got = sha256_file(tmp)
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable: unusable weights either way, in one line
+        _remove(tmp)
+        if isinstance(exc, FileNotFoundError):
+            raise WeightsError(f"weights file {storage.redact(ref.uri)} does not exist") from None
+        raise WeightsError(f"cannot read weights file {storage.redact(ref.uri)}: "
+                           f"{storage.describe_error(exc)}") from None
     if got != ref.sha256:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise WeightsError(f"weights file {storage.redact(ref.uri)} changed during the run: sha256 {got}, "
                            f"expected {ref.sha256}")
     os.replace(tmp, target)
     log.info("cached weights %s at %s", storage.redact(ref.uri), target)
     return str(target)
+
+
+def _remove(path: Path) -> None:
+    """Remove a download's temporary copy (a folder, when the reference named one)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def keras_weights_arg(ref: WeightsRef) -> str | None:

@@ -627,6 +627,12 @@ def test_a_valid_weights_file_is_fetched_once_and_verified(tmp_path: Path, weigh
     cached = Path(keras_weights_arg(ref) or "")
     assert cached.read_bytes() == data and cached.parent == weights_cache / "weights"
     assert local_weights_file(ref) == str(cached)
+    with pytest.raises(WeightsError, match=r"^weights file memory://cnnbatch-weights/gone\.h5 does not exist$"):
+        local_weights_file(WeightsRef("file", uri="memory://cnnbatch-weights/gone.h5", sha256=HEX))
+    with pytest.raises(WeightsError, match=r"^cannot read weights file .*: IsADirectoryError"):
+        (tmp_path / "folder.h5").mkdir()
+        local_weights_file(WeightsRef("file", uri=str(tmp_path / "folder.h5"), sha256=HEX))
+    assert sorted(p.name for p in (weights_cache / "weights").iterdir()) == [f"{digest}.weights.h5"], "no leftovers"
     local = tmp_path / "other.h5"
     local.write_bytes(b"something else")
     with pytest.raises(WeightsError, match="changed during the run: sha256 .*, expected " + HEX):
