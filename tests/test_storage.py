@@ -306,8 +306,8 @@ def fake_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Counter[str], lis
         return 0.0
 
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", no_wait)
-    our_sleeps: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", our_sleeps.append)
+    our_sleeps: list[float] = []  # storage's own backoff only (time.sleep itself stays: subprocess waits use it)
+    monkeypatch.setattr(storage, "time", SimpleNamespace(sleep=our_sleeps.append))
     FakeS3Handler.counts = Counter()
     FakeS3Handler.per_path = Counter()
     s3fs.S3FileSystem.clear_instance_cache()
