@@ -59,7 +59,7 @@ lint: install ## ruff (lint + import order) and mypy on cnnbatch/
 	$(VENV)/bin/mypy
 
 validate-k8s: install ## validate the manifests in k8s/ offline (core kinds strictly; KubeRay CRDs from ../shared)
-	$(PY) k8s/validate.py
+	$(PY) -m k8s.validate
 
 extract: install ## extract features: make extract INPUT=... OUTPUT=... BACKBONE=vgg16 WEIGHTS=imagenet
 	$(CNNBATCH) extract --input $(INPUT) --output $(OUTPUT) --backbone $(BACKBONE) --weights $(WEIGHTS) \

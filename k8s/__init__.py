@@ -1,0 +1,1 @@
+"""cnnbatch's Kubernetes manifests and their offline validator, k8s.validate."""
