@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def option(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None,
-           choices: tuple[str, ...] | None = None, metavar: str | None = None, nargs: str | None = None) -> Any:
-    """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` is given)."""
-    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "nargs": nargs}
+           choices: tuple[str, ...] | None = None, metavar: str | None = None, nargs: str | None = None,
+           group: str | None = None) -> Any:
+    """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` is given); ``group``
+    lists it under its own heading in ``--help``."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "nargs": nargs, "group": group}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -43,16 +45,23 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    groups: dict[str, Any] = {}
+    # The job's own flags first, then each group's (inherited option sets such as the augmentation recipe).
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.metadata.get("group") is not None)
+    for field in fields:
         meta = field.metadata
         if "help" not in meta:
             continue
+        group = meta.get("group")
+        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
         flag = meta.get("flag") or "--" + field.name.replace("_", "-")
-        kind, _ = _base_type(hints[field.name])
+        kind, optional = _base_type(hints[field.name])
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"]}
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if field.default else "store_true"
+            # --flag / --no-flag where the default is on, or where "not given" (None) means something of its own
+            on_off = bool(field.default) or (optional and field.default is None)
+            kwargs["action"] = argparse.BooleanOptionalAction if on_off else "store_true"
             kwargs["default"] = field.default
         else:
             kwargs["type"] = kind
@@ -68,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["metavar"] = meta["metavar"]
             if meta.get("nargs"):
                 kwargs["nargs"] = meta["nargs"]
-        parser.add_argument(flag, **kwargs)
+        target.add_argument(flag, **kwargs)
 
 
 def from_namespace(cls: Any, namespace: argparse.Namespace) -> Any:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
+from .augment import RECIPE_FLAGS, Recipe, RecipeOptions, with_views
 from .backbones import BACKBONES, get_backbone
 from .batching import auto_batch_size
 from .cluster import default_gpus, resolve_precision_for_workers
@@ -22,13 +23,12 @@ from .pool import PoolOptions
 from .precision import PRECISIONS
 from .versions import library_versions
 from .weights import DEFAULT_RANDOM_SEED, WeightsRef, resolve_weights
-from .worker import plain_variant
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(RecipeOptions):
     input: str = option("images: a folder tree, .tar shards or .parquet files (any fsspec URL)", metavar="URI")
     output: str = option("where the feature Parquet dataset goes (any fsspec URL)", metavar="URI")
     backbone: str = option("the CNN", "vgg16", choices=tuple(BACKBONES))
@@ -45,11 +45,15 @@ class ExtractConfig:
     precision: str = option("compute precision; auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on GPUs with "
                             "tensor cores, else float32 (features within cosine 0.999 of float32)", "auto",
                             choices=PRECISIONS)
-    seed: int = option("seed for --weights random", DEFAULT_RANDOM_SEED, metavar="N")
+    seed: int = option("seed for --weights random and for the augmented views", DEFAULT_RANDOM_SEED, metavar="N")
     overwrite: bool = option("discard what the output holds and redo every shard", False)
+    augment_views: int = option("also extract K augmented views of every image (the recipe below) into the "
+                                "augmented_embeddings column; 0: none", 0, metavar="K")
 
     def __post_init__(self) -> None:
         get_backbone(self.backbone)
+        require(self.augment_views >= 0, f"--augment-views must be 0 or more, got {self.augment_views}")
+        self.check_recipe()
         require(self.batch_size is None or self.batch_size >= 1,
                 f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
@@ -60,18 +64,38 @@ class ExtractConfig:
             get_backbone(self.backbone).check_size(self.image_size)
 
 
-def feature_schema(dim: int, metadata: dict[str, Any]) -> pa.Schema:
-    """The feature dataset's columns: ``key``, ``label``, ``embedding`` (``fixed_size_list<float32>[dim]``)."""
-    return with_metadata([("key", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
-                         metadata)
+AUGMENTED_COLUMN = "augmented_embeddings"
+
+
+def feature_schema(dim: int, metadata: dict[str, Any], views: int = 0) -> pa.Schema:
+    """The feature dataset's columns: ``key``, ``label``, ``embedding`` (``fixed_size_list<float32>[dim]``) and,
+    with augmented views, ``augmented_embeddings`` (``fixed_size_list<fixed_size_list<float32>[dim]>[views]``)."""
+    fields = [("key", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32(), dim))]
+    if views:
+        fields.append((AUGMENTED_COLUMN, pa.list_(pa.list_(pa.float32(), dim), views)))
+    return with_metadata(fields, metadata)
+
+
+def _vectors(values: np.ndarray, *sizes: int) -> pa.Array:
+    """A float32 array as nested fixed-size lists, innermost size last."""
+    array: pa.Array = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), type=pa.float32())
+    for size in reversed(sizes):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    return array
 
 
 def embeddings_table(keys: list[str], labels: list[str | None], embeddings: np.ndarray,
-                     schema: pa.Schema) -> pa.Table:
+                     schema: pa.Schema, augmented: np.ndarray | None = None) -> pa.Table:
+    """The feature table: ``embeddings`` ``(N, D)``; ``augmented`` ``(N, K, D)`` when the schema has views."""
     dim = schema.field("embedding").type.list_size
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
-    vectors = pa.FixedSizeListArray.from_arrays(flat, dim)
-    return pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array(labels, pa.string()), vectors], schema=schema)
+    columns = [pa.array(keys, pa.string()), pa.array(labels, pa.string()), _vectors(embeddings, dim)]
+    if AUGMENTED_COLUMN in schema.names:
+        views = schema.field(AUGMENTED_COLUMN).type.list_size
+        if augmented is None or augmented.shape[1:] != (views, dim):
+            raise ValueError(f"expected augmented vectors of shape (N, {views}, {dim}), got "
+                             f"{None if augmented is None else augmented.shape}")
+        columns.append(_vectors(augmented, views, dim))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,9 @@ class ExtractTask:
     model: ModelSpec
     batch_size: int | None  # None: each actor sizes it to its device (batching.auto_batch_size)
     metadata: dict[str, Any]
+    augment_views: int = 0
+    recipe: Recipe | None = None
+    seed: int = DEFAULT_RANDOM_SEED  # of the views: view v of an image is drawn from (seed, key, v)
 
     @property
     def image_size(self) -> int:
@@ -88,7 +115,7 @@ class ExtractTask:
 
     @property
     def views(self) -> int:
-        return 1
+        return 1 + self.augment_views
 
     def make_model(self) -> Embedder:
         return Embedder(self.model)
@@ -99,21 +126,29 @@ class ExtractTask:
         return replace(self, batch_size=auto_batch_size(model.model, self.model.precision, gpu_share))
 
     def variants(self, key: str, pixels: np.ndarray) -> np.ndarray:
-        return plain_variant(pixels)
+        """The plain image, then its augmented views (made here, on the decode threads)."""
+        return with_views(pixels, self.recipe, self.augment_views, self.seed, key)
 
     def make_table(self, model: Embedder, keys: list[str], labels: list[str | None],
                    outputs: dict[str, np.ndarray]) -> pa.Table:
         metadata = dict(self.metadata)
         metadata["weights"] = {**metadata["weights"], "sha256": model.weights_sha256}
-        schema = feature_schema(model.feature_dim, metadata)
-        embeddings = outputs.get("embedding", np.zeros((0, 1, model.feature_dim), np.float32))
-        return embeddings_table(keys, labels, embeddings[:, 0], schema)
+        schema = feature_schema(model.feature_dim, metadata, self.augment_views)
+        embeddings = outputs.get("embedding", np.zeros((0, self.views, model.feature_dim), np.float32))
+        return embeddings_table(keys, labels, embeddings[:, 0], schema,
+                                embeddings[:, 1:] if self.augment_views else None)
 
 
-def feature_metadata(model: ModelSpec) -> dict[str, Any]:
+def augment_metadata(views: int, recipe: Recipe, seed: int) -> dict[str, Any]:
+    """How the augmented views were made: recorded in the metadata and the fingerprint (absent without views)."""
+    return {"views": views, "recipe": recipe.to_dict(), "seed": seed}
+
+
+def feature_metadata(model: ModelSpec, augment: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every feature part records about how its vectors were made (CONTRACT.md: schema metadata)."""
     backbone = model.backbone_spec
-    return {
+    extra = {"augment": augment} if augment else {}
+    return extra | {
         "kind": "features",
         "backbone": backbone.name,
         "dim": backbone.feature_dim,
@@ -126,10 +161,11 @@ def feature_metadata(model: ModelSpec) -> dict[str, Any]:
     }
 
 
-def extraction_fingerprint(model: ModelSpec) -> str:
-    return fingerprint_of({"kind": "features", "backbone": model.backbone, "weights": model.weights.identity,
-                           "image_size": model.image_size, "preprocessing": model.backbone_spec.preprocessing,
-                           "decode": DECODE_VERSION, "precision": model.precision})
+def extraction_fingerprint(model: ModelSpec, augment: dict[str, Any] | None = None) -> str:
+    extra = {"augment": augment} if augment else {}
+    return fingerprint_of(extra | {"kind": "features", "backbone": model.backbone, "weights": model.weights.identity,
+                                   "image_size": model.image_size, "preprocessing": model.backbone_spec.preprocessing,
+                                   "decode": DECODE_VERSION, "precision": model.precision})
 
 
 def prepare_extract(config: ExtractConfig) -> ShardedJob:
@@ -141,11 +177,19 @@ def prepare_extract(config: ExtractConfig) -> ShardedJob:
     weights: WeightsRef = resolve_weights(config.weights, backbone, seed=config.seed)
     gpus = default_gpus(config.gpus_per_worker)
     model = ModelSpec(backbone.name, size, weights, resolve_precision_for_workers(config.precision, gpus))
+    recipe = config.recipe() if config.augment_views else None
+    augment = augment_metadata(config.augment_views, recipe, config.seed) if recipe else None
     recorded = to_dict(config) | {"weights_identity": weights.identity, "image_size": size,
                                   "precision": model.precision}
+    if augment:
+        log.info("%d augmented views per image (%d model passes per image): %s", config.augment_views,
+                 1 + config.augment_views, recipe)
+    else:  # no views: the recorded configuration is what it was before views existed
+        recorded = {k: v for k, v in recorded.items() if k not in RECIPE_FLAGS and k != "augment_views"}
+    task = ExtractTask(model, config.batch_size, feature_metadata(model, augment), config.augment_views, recipe,
+                       config.seed)
     return ShardedJob(input_uri=config.input, shard_size=config.shard_size, output_uri=config.output,
-                      task=ExtractTask(model, config.batch_size, feature_metadata(model)),
-                      fingerprint=extraction_fingerprint(model), config=recorded,
+                      task=task, fingerprint=extraction_fingerprint(model, augment), config=recorded,
                       pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite)
 
 

@@ -23,6 +23,7 @@ from .weights import WeightsRef
 
 log = logging.getLogger(__name__)
 
+AUGMENTED_COLUMN = "augmented_embeddings"  # as extract writes it (extract.AUGMENTED_COLUMN)
 # Metadata that must agree across every feature file: features of different networks are not comparable.
 IDENTITY_FIELDS = ("backbone", "dim", "weights", "image_size", "preprocessing")
 # Metadata that may differ (same network, other rounding): a warning, and the first file's value is recorded.
@@ -48,6 +49,7 @@ class FeatureSource:
     files: tuple[FeatureFile, ...]
     metadata: dict[str, Any]
     complete: bool  # the extraction wrote _SUCCESS
+    views: int = 0  # augmented views per row (the augmented_embeddings column), 0 without
 
     @property
     def rows(self) -> int:
@@ -95,7 +97,24 @@ def check_schema(schema: pa.Schema, where: str) -> dict[str, Any]:
     if embedding.list_size != int(metadata.get("dim", -1)):
         raise FeatureError(f"{where}: embedding has {embedding.list_size} values, metadata says dim "
                            f"{metadata.get('dim')}")
+    views = views_of(schema, where, embedding.list_size)
+    recorded = int((metadata.get("augment") or {}).get("views", 0))
+    if views != recorded:
+        raise FeatureError(f"{where}: {AUGMENTED_COLUMN} holds {views} views, its metadata says {recorded}")
     return metadata
+
+
+def views_of(schema: pa.Schema, where: str, dim: int) -> int:
+    """How many augmented views a feature file holds per row (0 without the column); FeatureError if malformed."""
+    if AUGMENTED_COLUMN not in schema.names:
+        return 0
+    typ = schema.field(AUGMENTED_COLUMN).type
+    inner = typ.value_type if pa.types.is_fixed_size_list(typ) else None
+    if inner is None or not (pa.types.is_fixed_size_list(inner) and pa.types.is_float32(inner.value_type)
+                             and inner.list_size == dim):
+        raise FeatureError(f"{where}: {AUGMENTED_COLUMN} is {typ}, expected "
+                           f"fixed_size_list<fixed_size_list<float32>[{dim}]>[K]")
+    return int(typ.list_size)
 
 
 def identity_of(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -126,13 +145,19 @@ def describe_source(uri: str) -> FeatureSource:
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         footers = list(pool.map(lambda p: read_footer(fs, p), paths))
     described = []
+    views = set()
     for path, (schema, _) in zip(paths, footers):
         where = storage.redact(storage.unstrip(fs, path))
-        described.append((where, check_schema(schema, where)))
+        metadata = check_schema(schema, where)
+        described.append((where, metadata))
+        views.add(int((metadata.get("augment") or {}).get("views", 0)))
     check_same_features(described)
+    if len(views) > 1:
+        raise FeatureError(f"{storage.redact(uri)} mixes files with {' and '.join(map(str, sorted(views)))} "
+                           "augmented views per image: one extraction writes one kind")
     # A single file is whole by itself; a dataset folder is complete once its extraction wrote _SUCCESS.
     complete = paths == [root] or fs.exists(storage.join(root, SUCCESS_FILE))
     if not complete:
         log.warning("%s has no %s: its extraction is unfinished; training on the %d files present",
                     storage.redact(uri), SUCCESS_FILE, len(paths))
-    return FeatureSource(uri, tuple(f for _, f in footers), described[0][1], complete)
+    return FeatureSource(uri, tuple(f for _, f in footers), described[0][1], complete, views.pop())

@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .featuresets import FeatureError, FeatureFile, FeatureSource
+from .featuresets import AUGMENTED_COLUMN, FeatureError, FeatureFile, FeatureSource
 from .head import TRAIN, VALIDATION, LabelCodes, RunningMoments, key_hashes, stratified_split
+from .tfruntime import tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class RowIndex:
 
     def rows(self, split: int) -> int:
         return int(sum(int((s == split).sum()) for per_file in self.splits for s in per_file))
+
+    def source_rows(self, source: int, split: int) -> int:
+        return int(sum(int((s == split).sum()) for s in self.splits[source]))
 
 
 def units_of(sources: Sequence[FeatureSource]) -> list[Unit]:
@@ -131,21 +135,36 @@ def _label_pass_file(fs: Any, feature_file: FeatureFile, codes: LabelCodes, seed
 
 
 def embeddings_of(column: pa.Array, dim: int) -> np.ndarray:
-    """A ``fixed_size_list<float32>`` column as an (n, dim) float32 array, zero-copy when it has no nulls."""
+    """A ``fixed_size_list<float32>`` column (nested any number of times: the augmented views) as an (n, dim)
+    float32 array, zero-copy when it has no nulls."""
     if column.null_count:
         raise FeatureError(f"{column.null_count} rows have a null embedding")
     values = column.flatten()  # honours the array's offset; a slice, not a copy
+    while pa.types.is_fixed_size_list(values.type):
+        if values.null_count:
+            raise FeatureError(f"{values.null_count} augmented views are null")
+        values = values.flatten()
     return values.to_numpy(zero_copy_only=values.null_count == 0).reshape(-1, dim)
 
 
 class FeatureReader:
-    """Reads row groups of the feature files as (features, class) arrays of one split."""
+    """Reads row groups of the feature files as (features, class) arrays of one split. Training rows bring their
+    augmented views too (``use_views``, when a source has them); validation is always the plain vectors."""
 
-    def __init__(self, sources: Sequence[FeatureSource], dim: int, index: RowIndex):
+    def __init__(self, sources: Sequence[FeatureSource], dim: int, index: RowIndex, use_views: bool = True):
         self.sources, self.index = tuple(sources), index
         self.filesystems = [storage.filesystem(s.uri)[0] for s in self.sources]
         self.units = units_of(self.sources)
         self.dim = dim
+        self.use_views = use_views
+
+    def views_of(self, source: int, split: int) -> int:
+        """Augmented vectors each row of ``source`` adds to ``split``."""
+        return self.sources[source].views if self.use_views and split == TRAIN else 0
+
+    def vectors(self, split: int) -> int:
+        """Vectors one pass over ``split`` yields: rows, plus their views for training."""
+        return sum(self.index.source_rows(s, split) * (1 + self.views_of(s, split)) for s in range(len(self.sources)))
 
     def read(self, unit: Unit, split: int) -> tuple[np.ndarray, np.ndarray]:
         wanted = self.index.splits[unit.source][unit.file][unit.start:unit.start + unit.rows] == split
@@ -155,9 +174,12 @@ class FeatureReader:
         feature_file = self.sources[unit.source].files[unit.file]
         fs = self.filesystems[unit.source]
 
+        views = self.views_of(unit.source, split)
+        columns = ["embedding", AUGMENTED_COLUMN] if views else ["embedding"]
+
         def read_group() -> pa.Table:
             with fs.open(feature_file.path, "rb") as handle:
-                return pq.ParquetFile(handle).read_row_group(unit.group, columns=["embedding"])
+                return pq.ParquetFile(handle).read_row_group(unit.group, columns=columns)
 
         table = storage.with_retries(read_group, f"read {feature_file.path}")
         if table.num_rows != unit.rows:
@@ -165,10 +187,15 @@ class FeatureReader:
                                f"{table.num_rows} rows, expected {unit.rows}")
         features = embeddings_of(table.column("embedding").combine_chunks(), self.dim)
         x = features if wanted.all() else features[wanted]  # a read-only view of Arrow's buffer, or a copy
+        y = classes[wanted]
+        if views:  # the plain rows, then each row's views (the batches mix them)
+            augmented = embeddings_of(table.column(AUGMENTED_COLUMN).combine_chunks(), self.dim)
+            augmented = augmented.reshape(unit.rows, views, self.dim)[wanted].reshape(-1, self.dim)
+            x, y = np.concatenate([x, augmented]), np.concatenate([y, np.repeat(y, views)])
         if not np.isfinite(x).all():
             raise FeatureError(f"{feature_file.path} holds non-finite feature values (NaN or inf): re-extract it "
                                "(e.g. with --precision float32)")
-        return x, classes[wanted]
+        return x, y
 
     def chunks(self, split: int, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every row group's rows of ``split``; ``rng`` shuffles the row-group order. Reads run ahead in threads."""
@@ -234,11 +261,12 @@ class Loaded:
 
 
 def features_pass(reader: FeatureReader, index: RowIndex, cache_bytes: int) -> Loaded:
-    sizes = {split: index.rows(split) for split in (TRAIN, VALIDATION)}
+    sizes = {split: reader.vectors(split) for split in (TRAIN, VALIDATION)}
     needed = sum(sizes.values()) * reader.dim * 4
     cache = needed <= cache_bytes
-    log.info("features: %d training and %d validation rows x %d dims (%.1f MiB): %s", sizes[TRAIN],
-             sizes[VALIDATION], reader.dim, needed / 2**20,
+    log.info("features: %d training vectors (%d rows, %d from augmented views) and %d validation rows x %d dims "
+             "(%.1f MiB): %s", sizes[TRAIN], index.rows(TRAIN), sizes[TRAIN] - index.rows(TRAIN), sizes[VALIDATION],
+             reader.dim, needed / 2**20,
              "held in memory" if cache else "streamed from storage every epoch (over --cache-mb)")
     moments = RunningMoments(reader.dim)
     arrays = None
@@ -259,15 +287,9 @@ def features_pass(reader: FeatureReader, index: RowIndex, cache_bytes: int) -> L
     return Loaded(moments, arrays)
 
 
-# --- the fit ---------------------------------------------------------------------------------------------------
-
-
 def streamed_dataset(reader: FeatureReader, split: int, batch_size: int, seed: int | None) -> Any:
     """A ``tf.data.Dataset`` re-reading the split from storage on every pass (a new shuffle each epoch)."""
-    from .tfruntime import tensorflow
-
     tf = tensorflow()
-
     epochs = itertools.count()
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -277,6 +299,6 @@ def streamed_dataset(reader: FeatureReader, split: int, batch_size: int, seed: i
     signature = (tf.TensorSpec((None, reader.dim), tf.float32), tf.TensorSpec((None,), tf.int32))
     # Every batch but the last is full, so the count is known: Keras then shows progress and does not warn that
     # the input "ran out of data" after the first epoch.
-    batches = -(-reader.index.rows(split) // batch_size)
+    batches = -(-reader.vectors(split) // batch_size)
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     return dataset.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(2)

@@ -28,64 +28,30 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from . import storage
+from .modelinfo import (
+    BACKBONE_FILE,
+    CONFUSION_FILE,
+    CURVE_FILE,
+    HEAD_FILE,
+    LABELS_FILE,
+    LEGACY_HEAD_SUFFIXES,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_FILES,
+    MODEL_FORMAT,
+    READABLE_FORMATS,
+    ModelError,
+    ModelInfo,
+)
 from .tfruntime import keras_module
 from .versions import library_versions
-from .weights import WeightsRef
+from .weights import WeightsRef, cache_dir
 
 log = logging.getLogger(__name__)
-
-MODEL_FORMAT = "cnnbatch-model/1"
-MANIFEST_FILE = "model.json"
-HEAD_FILE = "head.keras"
-LABELS_FILE = "labels.txt"
-METRICS_FILE = "metrics.json"
-CONFUSION_FILE = "confusion_matrix.png"
-CURVE_FILE = "training_curve.png"
-MODEL_FILES = frozenset({MANIFEST_FILE, HEAD_FILE, LABELS_FILE, METRICS_FILE, CONFUSION_FILE, CURVE_FILE})
-LEGACY_HEAD_SUFFIXES = (".h5", ".hdf5")
-
-
-class ModelError(ValueError):
-    """A model folder that cannot be written or used, with a one-line message naming what is wrong."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a model folder says about itself (``model.json``, less the bookkeeping)."""
-
-    backbone: str
-    image_size: int
-    weights: WeightsRef
-    feature_dim: int
-    labels: tuple[str, ...]
-    head: str  # "mlp" | "linear"
-    precision: str  # the backbone's compute precision the features were extracted with
-    preprocessing: str
-    decode: str
-    files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["weights"] = self.weights.to_dict()
-        data["labels"] = list(self.labels)
-        data["files"] = dict(sorted(self.files.items()))
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
-        try:
-            return cls(backbone=str(data["backbone"]), image_size=int(data["image_size"]),
-                       weights=WeightsRef.from_dict(data["weights"]), feature_dim=int(data["feature_dim"]),
-                       labels=tuple(str(label) for label in data["labels"]), head=str(data["head"]),
-                       precision=str(data["precision"]), preprocessing=str(data["preprocessing"]),
-                       decode=str(data["decode"]), files=dict(data.get("files") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{MANIFEST_FILE} is missing or has a malformed field: {exc}") from None
-
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -133,8 +99,12 @@ def keras_bytes(model: Any) -> bytes:
 
 
 def write_model_folder(uri: str, head_model: Any, info: ModelInfo, metrics: Mapping[str, Any],
-                       figures: Mapping[str, bytes], overwrite: bool = False) -> ModelInfo:
-    """Write the model folder at ``uri`` atomically; return ``info`` with the checksums of its files."""
+                       figures: Mapping[str, bytes], overwrite: bool = False,
+                       backbone_weights: bytes | None = None) -> ModelInfo:
+    """Write the model folder at ``uri`` atomically; return ``info`` with the checksums of its files.
+
+    ``backbone_weights``: a fine-tuned backbone's ``.weights.h5`` bytes (``BACKBONE_FILE``), which predict then
+    uses in place of ``info.weights``."""
     unknown = sorted(set(figures) - {CONFUSION_FILE, CURVE_FILE})
     if unknown:
         raise ModelError(f"unexpected figure names {unknown}; expected {CONFUSION_FILE} and {CURVE_FILE}")
@@ -147,6 +117,8 @@ def write_model_folder(uri: str, head_model: Any, info: ModelInfo, metrics: Mapp
         METRICS_FILE: json.dumps(metrics, indent=1, sort_keys=True, default=_json_default).encode(),
         **figures,
     }
+    if backbone_weights is not None:
+        files[BACKBONE_FILE] = backbone_weights
     info = replace(info, files={name: sha256_bytes(data) for name, data in files.items()})
     manifest = {"format": MODEL_FORMAT, **info.to_dict(),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": library_versions()}
@@ -226,8 +198,9 @@ def read_model_info(uri: str) -> ModelInfo:
     except ValueError:
         raise ModelError(f"{MANIFEST_FILE} of {shown} is not valid JSON") from None
     found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found != MODEL_FORMAT:
-        raise ModelError(f"model {shown} has format {found!r}; this cnnbatch reads {MODEL_FORMAT!r}")
+    if found not in READABLE_FORMATS:
+        raise ModelError(f"model {shown} has format {found!r}; this cnnbatch reads "
+                         f"{', '.join(sorted(READABLE_FORMATS))}")
     info = ModelInfo.from_dict(manifest)
     head_files = [n for n in info.files if n.endswith(LEGACY_HEAD_SUFFIXES)]
     if head_files or HEAD_FILE not in info.files:
@@ -316,4 +289,34 @@ def load_model_folder(uri: str) -> tuple[ModelInfo, Any]:
     if tuple(inputs)[-1] != info.feature_dim or tuple(outputs)[-1] != len(info.labels):
         raise ModelError(f"the head of {storage.redact(uri)} maps {inputs} -> {outputs}, but {MANIFEST_FILE} says "
                          f"{info.feature_dim} features -> {len(info.labels)} classes")
+    check_labels_file(uri, info)
     return info, head
+
+
+def check_labels_file(uri: str, info: ModelInfo) -> None:
+    """labels.txt must list exactly the manifest's labels, in order (a shortened file would mislabel)."""
+    if LABELS_FILE not in info.files:
+        raise ModelError(f"model {storage.redact(uri)} lists no {LABELS_FILE} in {MANIFEST_FILE}")
+    text = read_verified(uri, info, LABELS_FILE).decode("utf-8", "replace")
+    found = tuple(text.split("\n")[:-1]) if text.endswith("\n") else tuple(text.split("\n"))
+    if found != info.labels:
+        raise ModelError(f"{LABELS_FILE} of model {storage.redact(uri)} lists {len(found)} labels "
+                         f"({', '.join(found[:5])}{'...' if len(found) > 5 else ''}), {MANIFEST_FILE} "
+                         f"{len(info.labels)} ({', '.join(info.labels[:5])}{'...' if len(info.labels) > 5 else ''}): "
+                         "the folder was modified; retrain or restore it")
+
+
+def backbone_weights(uri: str, info: ModelInfo) -> WeightsRef:
+    """The weights the model's backbone runs with: its own fine-tuned ``BACKBONE_FILE`` (verified against the
+    manifest and cached on this node under its sha256), or the reference the training features were made with."""
+    if not info.has_backbone_file:
+        return info.weights
+    sha256 = info.files[BACKBONE_FILE]
+    target = cache_dir() / "weights" / f"{sha256}.weights.h5"
+    if not target.exists():
+        data = read_verified(uri, info, BACKBONE_FILE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return WeightsRef("file", uri=str(target), sha256=sha256)

@@ -38,6 +38,18 @@ def _leaf_path(name: str, typ: pa.DataType) -> str:
     return path
 
 
+# Row groups of tables with nested vector columns (augmented views: K x D floats a row) are cut to about this many
+# bytes, so that a reader (train) holds one row group at a time in bounded memory. Flat tables keep one group.
+NESTED_ROW_GROUP_BYTES = 16 * 2**20
+
+
+def _depth(typ: pa.DataType) -> int:
+    depth = 0
+    while pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ):
+        typ, depth = typ.value_type, depth + 1
+    return depth
+
+
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
     """zstd, no dictionary for floats, byte_stream_split on float columns (they compress ~15% better)."""
     # Parquet leaf paths: a list column's values live at "<name>.list.element"
@@ -45,10 +57,14 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
                      if _float_leaf(t)]
     string_columns = [n for n, t in zip(table.schema.names, table.schema.types, strict=True)
                       if pa.types.is_string(t)]
+    row_group_size = None
+    if any(_depth(t) >= 2 for t in table.schema.types) and table.num_rows:
+        row_group_size = max(1, NESTED_ROW_GROUP_BYTES // max(1, table.nbytes // table.num_rows))
     sink = pa.BufferOutputStream()
     pq.write_table(
         table,
         sink,
+        row_group_size=row_group_size,
         compression="zstd",
         use_dictionary=[c for c in string_columns if c != "key"],
         use_byte_stream_split=float_columns or False,

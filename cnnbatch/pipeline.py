@@ -54,6 +54,7 @@ class JobSummary:
     failed: dict[str, str] = field(default_factory=dict)  # shard id -> reason
     stale_removed: list[str] = field(default_factory=list)
     done_here: list[ShardStats] = field(default_factory=list, repr=False)  # the shards this run did
+    counts: dict[str, int] = field(default_factory=dict)  # the task's counts over every done shard
 
     @property
     def ok(self) -> bool:
@@ -78,6 +79,10 @@ class JobSummary:
             text += f"; {steady:.1f} images/s after start-up"
         if stages:
             text += f"; per-stage worker time: {stages}"
+        labelled = self.counts.get("labelled", 0)
+        if labelled:
+            text += (f"; accuracy {self.counts.get('correct', 0) / labelled:.4f} on the {labelled} images whose "
+                     "label is one of the model's classes")
         if self.failed:
             text += f"; FAILED shards: {', '.join(sorted(self.failed))}"
         return text
@@ -146,6 +151,9 @@ def run_sharded_job(job: ShardedJob, lock_wait_seconds: float = 0.0) -> JobSumma
             if summary.stale_removed:
                 log.info("removed outputs of %d shards no longer in the input: %s",
                          len(summary.stale_removed), ", ".join(summary.stale_removed[:10]))
+        for stats in done.values():
+            for name, value in stats.counts.items():
+                summary.counts[name] = summary.counts.get(name, 0) + int(value)
         summary.seconds = time.perf_counter() - started
         _finish(output, fingerprint, config, summary, done)
         return summary

@@ -71,11 +71,14 @@ class PlanConfig:
     devices: int = option("devices (actors) the job would run on", 1, metavar="N")
     precision: str = option("the precision the job would use (for the output size)", "auto", choices=PRECISIONS)
     all_layers: bool = option("also list the layers that keep the volume (batch norm, activations)", False)
+    augment_views: int = option("augmented views per image the job would extract (K + 1 model passes per image)", 0,
+                                metavar="K")
 
     def __post_init__(self) -> None:
         backbone = get_backbone(self.backbone)
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.devices >= 1, f"--devices must be at least 1, got {self.devices}")
+        require(self.augment_views >= 0, f"--augment-views must be 0 or more, got {self.augment_views}")
         require(self.images_per_second_per_device is None or self.images_per_second_per_device > 0,
                 f"--images-per-second-per-device must be above 0, got {self.images_per_second_per_device}")
         if self.image_size is not None:
@@ -215,8 +218,13 @@ class PlanReport:
     bare = True  # the report is the answer: printed without the "cnnbatch plan:" prefix
 
     @property
+    def passes(self) -> int:
+        """Model passes per image: the plain image and each augmented view."""
+        return 1 + self.config.augment_views
+
+    @property
     def flops_per_image(self) -> int:
-        return sum(row.flops for row in self.layers)
+        return sum(row.flops for row in self.layers) * self.passes
 
     @property
     def hours(self) -> float:
@@ -228,7 +236,9 @@ class PlanReport:
         lines = [f"input: {storage.redact(c.input)}: {self.count.images} images in {self.count.shards} shards "
                  f"({kinds}; counted without decoding)",
                  f"backbone: {c.backbone} at {self.image_size}x{self.image_size}, "
-                 f"{self.flops_per_image / 1e9:.2f} GFLOPs per image (2 x multiply-adds of conv/dense layers)",
+                 f"{self.flops_per_image / self.passes / 1e9:.2f} GFLOPs per image (2 x multiply-adds of "
+                 f"conv/dense layers); {self.passes} model pass{'es' if self.passes > 1 else ''} per image"
+                 + (f" (the plain image and {c.augment_views} augmented views)" if c.augment_views else ""),
                  "",
                  f"  {'layer':<24} {'type':<22} {'F/S/P':<11} {'output (H x W x C)':<20} {'params':>10} "
                  f"{'MFLOPs':>9}"]
@@ -271,16 +281,19 @@ def run_plan(config: PlanConfig) -> PlanReport:
     count = count_input(config.input, config.shard_size)
     layers = backbone_layers(backbone.name, size)
     flops = sum(row.flops for row in layers)
+    passes = 1 + config.augment_views
     if config.images_per_second_per_device is not None:
-        rate, source = config.images_per_second_per_device, "as given"
+        rate, source = config.images_per_second_per_device / passes, "as given"
+        if passes > 1:
+            source += f", divided by {passes} model passes per image"
     else:
         measured = MEASURED[config.device][backbone.name]
         at_measured = sum(row.flops for row in backbone_layers(backbone.name, measured.image_size))
-        rate = estimated_images_per_second(measured, flops, at_measured)
+        rate = estimated_images_per_second(measured, flops * passes, at_measured)
         source = (f"measured on {measured.device}: model {measured.model_images_per_second:g} images/s at "
                   f"{measured.image_size} px scaled by FLOPs, decoding {measured.decode_images_per_second:g} "
                   f"images/s, job efficiency {measured.efficiency:g}; see docs/benchmarks.md")
-    raw = count.images * backbone.feature_dim * 4
+    raw = count.images * backbone.feature_dim * 4 * passes
     key_bytes = count.images * 16  # keys and labels compress to a few bytes each: a small allowance
     ratio = MEASURED_BYTES_RATIO[output_precision(config)]
     return PlanReport(config, size, count, layers, rate, source, int(raw * ratio) + key_bytes, raw)

@@ -15,34 +15,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
-import pyarrow as pa
-
 from . import storage
-from .batching import auto_batch_size
+from .augment import CLASSIC, RECIPE_FLAGS, Recipe, RecipeOptions, with_views
 from .cluster import default_gpus, resolve_precision_for_workers
 from .config import log_config, option, require, to_dict
 from .decode import DECODE_VERSION, DecodeError, decode_image
 from .fetch import SCHEMES, FetchPolicy, fetch_url
-from .modelio import MANIFEST_FILE, ModelError, ModelInfo, load_model_folder
-from .parquetio import with_metadata
-from .pipeline import JobSummary, ShardedJob, fingerprint_of, run_sharded_job
+from .modelio import MANIFEST_FILE, ModelError, ModelInfo, backbone_weights, load_model_folder
+from .pipeline import JobSummary, ShardedJob, run_sharded_job
 from .pool import PoolOptions
 from .precision import PRECISIONS
 from .predictor import Predictor, top_k
+from .predicttask import PredictTask, prediction_fingerprint, prediction_metadata, tta_metadata
 from .tfruntime import resolve_precision
-from .versions import library_versions
-from .worker import plain_variant
+from .weights import DEFAULT_RANDOM_SEED
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(RecipeOptions):
     model: str = option("the model folder written by cnnbatch train (any fsspec URL)", metavar="URI")
     input: str | None = option("bulk: images as a folder tree, .tar shards or .parquet files (any fsspec URL)",
                                None, metavar="URI")
@@ -66,8 +62,13 @@ class PredictConfig:
         "compute precision (default: the one the model's training features were extracted with)", None,
         choices=PRECISIONS)
     overwrite: bool = option("bulk: discard what the output holds and redo every shard", False)
+    tta: int = option("test-time augmentation: average the probability over the plain image and K seeded views "
+                      "(the recipe below; default: the recipe of the features the model was trained on)", 0,
+                      metavar="K")
 
     def __post_init__(self) -> None:
+        require(self.tta >= 0, f"--tta must be 0 or more, got {self.tta}")
+        self.check_recipe()
         bulk = self.input is not None or self.output is not None
         one = self.image is not None or self.image_url is not None
         require(bulk or one, "give --input and --output to predict in bulk, or --image / --image-url for one image")
@@ -95,69 +96,6 @@ class PredictConfig:
         return self.image is not None or self.image_url is not None
 
 
-# --- the prediction table --------------------------------------------------------------------------------------
-
-def prediction_schema(k: int, metadata: dict[str, Any]) -> pa.Schema:
-    fields = [("key", pa.string()), ("predicted_label", pa.string()), ("probability", pa.float32())]
-    if k > 1:
-        fields += [("top_k_labels", pa.list_(pa.string())), ("top_k_probabilities", pa.list_(pa.float32()))]
-    return with_metadata(fields, metadata)
-
-
-def prediction_table(keys: list[str], probabilities: np.ndarray, labels: tuple[str, ...], k: int,
-                     schema: pa.Schema) -> pa.Table:
-    indices, best = top_k(probabilities, k)
-    vocabulary = np.asarray(labels, dtype=object)
-    columns = [pa.array(keys, pa.string()), pa.array(vocabulary[indices[:, 0]].tolist(), pa.string()),
-               pa.array(best[:, 0], pa.float32())]
-    if k > 1:
-        offsets = pa.array(np.arange(0, len(keys) * k + 1, k, dtype=np.int32))
-        columns += [pa.ListArray.from_arrays(offsets, pa.array(vocabulary[indices].reshape(-1).tolist(), pa.string())),
-                    pa.ListArray.from_arrays(offsets, pa.array(best.reshape(-1), pa.float32()))]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-@dataclass(frozen=True)
-class PredictTask:
-    """Prediction as a :class:`~cnnbatch.worker.ShardTask`: a fused predictor plus the prediction table layout."""
-
-    model_uri: str
-    info: ModelInfo
-    precision: str
-    top_k: int
-    batch_size: int | None  # None: each actor sizes it to its device (batching.auto_batch_size)
-    metadata: dict[str, Any]
-
-    @property
-    def image_size(self) -> int:
-        return self.info.image_size
-
-    @property
-    def views(self) -> int:
-        return 1
-
-    def variants(self, key: str, pixels: np.ndarray) -> np.ndarray:
-        return plain_variant(pixels)
-
-    def make_model(self) -> Predictor:
-        info, head = load_model_folder(self.model_uri)
-        if info != self.info:
-            raise ModelError(f"model folder {storage.redact(self.model_uri)} changed while the job ran")
-        return Predictor(info, head, self.precision)
-
-    def with_batch_size_for(self, model: Predictor, gpu_share: float) -> PredictTask:
-        if self.batch_size is not None:
-            return self
-        return replace(self, batch_size=auto_batch_size(model.embedder.model, self.precision, gpu_share))
-
-    def make_table(self, model: Predictor, keys: list[str], labels: list[str | None],
-                   outputs: dict[str, np.ndarray]) -> pa.Table:
-        probabilities = outputs.get("probabilities", np.zeros((0, 1, len(self.info.labels)), np.float32))
-        probabilities = probabilities.mean(axis=1)  # over the record's views (test-time augmentation)
-        return prediction_table(keys, probabilities, self.info.labels, self.top_k,
-                                prediction_schema(self.top_k, self.metadata))
-
-
 # --- the model folder ------------------------------------------------------------------------------------------
 
 def manifest_sha256(model_uri: str) -> str:
@@ -183,28 +121,6 @@ def open_model(model_uri: str, k: int) -> tuple[ModelInfo, Any, str]:
     return info, head, digest
 
 
-def prediction_metadata(model_uri: str, digest: str, info: ModelInfo, precision: str, k: int) -> dict[str, Any]:
-    """What every prediction part records about the model that made it (CONTRACT.md: schema metadata)."""
-    weights = {k_: (storage.redact(v) if isinstance(v, str) else v) for k_, v in info.weights.to_dict().items()}
-    return {
-        "kind": "predictions",
-        "model": {"uri": storage.redact(model_uri), "sha256": digest, "head": info.head},
-        "backbone": info.backbone,
-        "image_size": info.image_size,
-        "weights": weights,
-        "labels": list(info.labels),
-        "precision": precision,
-        "decode": DECODE_VERSION,
-        "top_k": k,
-        "versions": library_versions(),
-    }
-
-
-def prediction_fingerprint(digest: str, k: int, precision: str) -> str:
-    return fingerprint_of({"kind": "predictions", "model_sha256": digest, "top_k": k, "precision": precision,
-                           "decode": DECODE_VERSION})
-
-
 # --- running ---------------------------------------------------------------------------------------------------
 
 def run_predict(config: PredictConfig) -> JobSummary | ImagePrediction:
@@ -219,12 +135,25 @@ def prepare_predict(config: PredictConfig) -> ShardedJob:
     info, _, digest = open_model(config.model, config.top_k)
     gpus = default_gpus(config.gpus_per_worker)
     precision = resolve_precision_for_workers(config.precision or info.precision, gpus)
+    recipe, seed = tta_recipe(config, info)
+    tta = tta_metadata(config.tta, recipe, seed) if config.tta else None
     task = PredictTask(config.model, info, precision, config.top_k, config.batch_size,
-                       prediction_metadata(config.model, digest, info, precision, config.top_k))
+                       prediction_metadata(config.model, digest, info, precision, config.top_k, tta), config.tta,
+                       recipe if config.tta else None, seed)
     recorded = to_dict(config) | {"model_sha256": digest, "precision": precision}
+    if not config.tta:  # the recorded configuration is what it was before test-time augmentation existed
+        recorded = {k: v for k, v in recorded.items() if k not in RECIPE_FLAGS and k != "tta"}
     return ShardedJob(input_uri=config.input, shard_size=config.shard_size, output_uri=config.output, task=task,
-                      fingerprint=prediction_fingerprint(digest, config.top_k, precision), config=recorded,
+                      fingerprint=prediction_fingerprint(digest, config.top_k, precision, tta), config=recorded,
                       pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite)
+
+
+def tta_recipe(config: PredictConfig, info: ModelInfo) -> tuple[Recipe, int]:
+    """The views' recipe and seed: the recipe flags given, over the recipe the model's training features were
+    made with (recorded in its folder), over the classic recipe."""
+    augment = dict(info.augment or {})
+    base = Recipe.from_dict(augment["recipe"]) if isinstance(augment.get("recipe"), dict) else CLASSIC
+    return config.recipe(base), int(augment.get("seed", DEFAULT_RANDOM_SEED))
 
 
 def predict_bulk(config: PredictConfig) -> JobSummary:
@@ -290,7 +219,11 @@ def predict_image(config: PredictConfig) -> ImagePrediction:
         pixels = decode_image(data, info.image_size)
     except DecodeError as exc:
         raise DecodeError(f"{source}: {exc}") from None
-    predictor = Predictor(info, head, resolve_precision(config.precision or info.precision))
-    indices, best = top_k(predictor.probabilities(pixels[np.newaxis]), config.top_k)
+    predictor = Predictor(info, head, resolve_precision(config.precision or info.precision),
+                          backbone_weights(config.model, info))
+    recipe, seed = tta_recipe(config, info)
+    images = with_views(pixels, recipe, config.tta, seed, source)
+    probabilities = predictor.probabilities(images).mean(axis=0, keepdims=True)
+    indices, best = top_k(probabilities, config.top_k)
     return ImagePrediction(source, storage.redact(config.model), digest,
                            [info.labels[i] for i in indices[0]], [float(p) for p in best[0]], config.json)

@@ -9,17 +9,20 @@ import numpy as np
 from .embed import Embedder, ModelSpec, check_images, variables_digest
 from .modelio import MANIFEST_FILE, ModelError, ModelInfo
 from .tfruntime import jit_compile_for, tensorflow
+from .weights import WeightsRef
 
 
 class Predictor:
     """Backbone + head as one compiled function: ``{"image": (N, S, S, 3) uint8} -> {"probabilities": (N, C)}``."""
 
-    def __init__(self, info: ModelInfo, head: Any, precision: str):
+    def __init__(self, info: ModelInfo, head: Any, precision: str, weights: WeightsRef | None = None):
+        """``weights``: the backbone's (modelio.backbone_weights: a fine-tuned model's own file); default the
+        reference the training features were made with."""
         tf = tensorflow()
         self.info = info
         self.labels = info.labels
         # The Embedder builds the backbone exactly as extraction did (weights, seed, precision policy).
-        self.embedder = Embedder(ModelSpec(info.backbone, info.image_size, info.weights, precision))
+        self.embedder = Embedder(ModelSpec(info.backbone, info.image_size, weights or info.weights, precision))
         if self.embedder.feature_dim != info.feature_dim:
             raise ModelError(f"backbone {info.backbone} gives {self.embedder.feature_dim} features, "
                              f"{MANIFEST_FILE} says {info.feature_dim}")

@@ -28,6 +28,7 @@ class ShardStats:
     first_batch_at: float = 0.0
     first_batch_images: int = 0
     finished_at: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)  # the task's own counts (predict: labelled, correct)
 
     @property
     def images(self) -> int:

@@ -58,6 +58,9 @@ class TrainConfig:
     gpus: float | None = option("GPUs for the fit (default: 1 when the cluster has a GPU, else 0)", None,
                                 metavar="F")
     overwrite: bool = option("replace a model already at --output", False)
+    views: str = option("all: train on the plain vector and every augmented view of each training image (features "
+                        "extracted with --augment-views); none: plain vectors only. Validation is always plain",
+                        "all", choices=("all", "none"))
 
     def __post_init__(self) -> None:
         if isinstance(self.features, str):  # one URI given from Python rather than the command line
@@ -118,6 +121,7 @@ class TrainSummary:
     output: str
     labels: tuple[str, ...] = ()
     rows_train: int = 0
+    rows_from_views: int = 0  # training vectors that are augmented views of the training rows
     rows_validation: int = 0
     rows_unlabelled: int = 0
     train_accuracy: float = 0.0
@@ -133,10 +137,12 @@ class TrainSummary:
     failed: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
-        return (f"{len(self.labels)} classes, {self.rows_train} training / {self.rows_validation} validation rows "
-                f"({self.rows_unlabelled} unlabelled excluded); validation accuracy {self.validation_accuracy:.4f}, "
-                f"loss {self.validation_loss:.4f} (train accuracy {self.train_accuracy:.4f}) at epoch "
-                f"{self.best_epoch} of {self.epochs_run}; fit on {self.hostname} [{self.device}] in "
+        views = f" + {self.rows_from_views} augmented views" if self.rows_from_views else ""
+        return (f"{len(self.labels)} classes, {self.rows_train} training{views} / {self.rows_validation} validation "
+                f"rows ({self.rows_unlabelled} unlabelled excluded); validation accuracy "
+                f"{self.validation_accuracy:.4f}, loss {self.validation_loss:.4f} (train accuracy "
+                f"{self.train_accuracy:.4f}) at epoch {self.best_epoch} of {self.epochs_run}; fit on "
+                f"{self.hostname} [{self.device}] in "
                 f"{self.seconds:.1f}s -> {storage.redact(self.output)}")
 
 
@@ -151,8 +157,9 @@ def execute_plan(plan: TrainPlan) -> TrainSummary:
     counts_train, counts_validation = index.counts(TRAIN), index.counts(VALIDATION)
     unlabelled = index.rows(EXCLUDED)
     check_classes(index.labels, counts_train, counts_validation, unlabelled, plan.rows)
-    reader = FeatureReader(plan.sources, plan.dim, index)
+    reader = FeatureReader(plan.sources, plan.dim, index, use_views=config.views == "all")
     loaded = features_pass(reader, index, config.cache_mb * 2**20)
+    from_views = reader.vectors(TRAIN) - index.rows(TRAIN)
 
     keras.utils.set_random_seed(config.seed)
     spec = config.head_spec
@@ -178,20 +185,25 @@ def execute_plan(plan: TrainPlan) -> TrainSummary:
     log.info("fit: %d epochs in %.1fs, best validation objective %.4f (cross-entropy + L2 penalty) at epoch %d",
              len(history.epoch), fit_seconds, min(losses) if losses else float("nan"), best)
 
-    evaluations = {split_name: evaluate(model, reader, loaded, split)
+    # Every reported metric is on plain vectors: the training rows' views are for the fit only.
+    plain = FeatureReader(plan.sources, plan.dim, index, use_views=False)
+    evaluations = {split_name: evaluate(model, plain, loaded if not from_views or split == VALIDATION else None,
+                                        split)
                    for split_name, split in (("train", TRAIN), ("validation", VALIDATION))}
     where = placement()
     seconds = time.perf_counter() - started
     metrics = build_metrics(plan, index, evaluations, history.history, best, counts_train, counts_validation,
                             unlabelled, where, seconds, fit_seconds, streamed=loaded.arrays is None)
+    if any(source.views for source in plan.sources):  # features with views: how many training vectors they gave
+        metrics["rows"]["train_from_views"] = from_views
     figures = {CONFUSION_FILE: confusion_figure(index.labels, evaluations["validation"]),
                CURVE_FILE: curve_figure(history.history, best)}
     export = build_head(spec, plan.dim, len(index.labels), loaded.moments.mean, loaded.moments.variance)
     export.set_weights(model.get_weights())  # an uncompiled copy: no optimizer state in the shipped head
-    write_model_folder(config.output, export, model_info(plan, index.labels), metrics, figures,
-                       overwrite=config.overwrite)
+    write_model_folder(config.output, export, model_info(plan, index.labels, trained_on_views=bool(from_views)),
+                       metrics, figures, overwrite=config.overwrite)
     return TrainSummary(
-        output=config.output, labels=index.labels, rows_train=int(counts_train.sum()),
+        output=config.output, labels=index.labels, rows_train=int(counts_train.sum()), rows_from_views=from_views,
         rows_validation=int(counts_validation.sum()), rows_unlabelled=unlabelled,
         train_accuracy=evaluations["train"]["accuracy"], validation_accuracy=evaluations["validation"]["accuracy"],
         validation_loss=evaluations["validation"]["loss"], epochs_run=len(history.epoch), best_epoch=best,
@@ -214,9 +226,10 @@ def check_classes(labels: Sequence[str], train: np.ndarray, validation: np.ndarr
                                       zip(labels[:20], train, validation)))
 
 
-def evaluate(model: Any, reader: FeatureReader, loaded: Loaded, split: int) -> dict[str, Any]:
-    """Loss, accuracy, per-class precision/recall and the confusion matrix of the final (best) head."""
-    if loaded.arrays is not None:
+def evaluate(model: Any, reader: FeatureReader, loaded: Loaded | None, split: int) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision/recall and the confusion matrix of the final (best) head, from the
+    arrays in memory when ``loaded`` holds them, else read from storage."""
+    if loaded is not None and loaded.arrays is not None:
         x, y = loaded.arrays[split]
         batches: Iterable[tuple[np.ndarray, np.ndarray]] = (
             (x[i:i + EVAL_BATCH_ROWS], y[i:i + EVAL_BATCH_ROWS]) for i in range(0, len(y), EVAL_BATCH_ROWS))
@@ -225,12 +238,15 @@ def evaluate(model: Any, reader: FeatureReader, loaded: Loaded, split: int) -> d
     return evaluate_batches(compiled_predict(model, (reader.dim,)), batches, reader.index.labels)
 
 
-def model_info(plan: TrainPlan, labels: tuple[str, ...]) -> ModelInfo:
+def model_info(plan: TrainPlan, labels: tuple[str, ...], trained_on_views: bool = False) -> ModelInfo:
+    """The manifest of the trained head; with views, the recipe they were made with (predict --tta's default)."""
     meta = plan.metadata
+    augment = next((s.metadata.get("augment") for s in plan.sources if s.views), None) if trained_on_views else None
     return ModelInfo(backbone=str(meta["backbone"]), image_size=int(meta["image_size"]),
                      weights=WeightsRef.from_dict(meta["weights"]), feature_dim=plan.dim, labels=labels,
                      head=plan.config.head, precision=str(meta.get("precision", "float32")),
-                     preprocessing=str(meta.get("preprocessing", "")), decode=str(meta.get("decode", "")))
+                     preprocessing=str(meta.get("preprocessing", "")), decode=str(meta.get("decode", "")),
+                     augment=augment)
 
 
 def build_metrics(plan: TrainPlan, index: RowIndex, evaluations: dict[str, dict[str, Any]],

@@ -74,6 +74,13 @@ class ShardTask(Protocol):
         ...
 
 
+def task_counts(task: ShardTask, labels: list[str | None], outputs: dict[str, np.ndarray]) -> dict[str, int]:
+    """A task's own counts for the job summary (predict: labelled and correct records), summed over shards. A
+    task may define ``counts(labels, outputs)``; one that does not counts nothing."""
+    counts = getattr(task, "counts", None)
+    return dict(counts(labels, outputs)) if callable(counts) else {}
+
+
 def plain_variant(pixels: np.ndarray) -> np.ndarray:
     """One model input per record: the decoded image itself."""
     return pixels[np.newaxis]
@@ -167,11 +174,14 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
 
     keys: list[str] = []
     labels: list[str | None] = []
-    chunks: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    # Two streams of model inputs: the records' plain images (stream 0) and their other views (stream 1), each
+    # batched on its own, so the plain images go through the model in exactly the batches a run without views
+    # makes (identical outputs), and the views follow in batches of their own.
+    chunks: list[dict[str, list[np.ndarray]]] = [collections.defaultdict(list), collections.defaultdict(list)]
     errors: list[tuple[str, str]] = []
     timing: dict[str, float] = collections.defaultdict(float)
-    batch: list[np.ndarray] = []
-    pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
+    batches: list[list[np.ndarray]] = [[], []]
+    pending: collections.deque[tuple[int, Future[dict[str, Any]]]] = collections.deque()
 
     def infer(images: np.ndarray) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -181,15 +191,15 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
             first_batch.extend((time.time(), len(images)))
         return result
 
-    def collect(future: Future[dict[str, Any]]) -> None:
+    def collect(stream: int, future: Future[dict[str, Any]]) -> None:
         for name, value in future.result().items():
-            chunks[name].append(np.asarray(value))
+            chunks[stream][name].append(np.asarray(value))
 
-    def submit_batch(model_pool: ThreadPoolExecutor) -> None:
-        pending.append(model_pool.submit(infer, np.stack(batch)))
-        batch.clear()
+    def submit_batch(model_pool: ThreadPoolExecutor, stream: int) -> None:
+        pending.append((stream, model_pool.submit(infer, np.stack(batches[stream]))))
+        batches[stream].clear()
         while len(pending) >= batches_in_flight:
-            collect(pending.popleft())
+            collect(*pending.popleft())
 
     read_start = time.perf_counter()
     # Records in flight: enough to fill the batches on the model thread and the one being stacked, plus one per
@@ -207,28 +217,35 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
                 continue
             keys.append(item.key)
             labels.append(item.label)
-            for image in item.images:
-                batch.append(image)
-                if len(batch) == batch_size:
-                    submit_batch(model_pool)
-        if batch:
-            submit_batch(model_pool)
+            for index, image in enumerate(item.images):
+                stream = min(index, 1)
+                batches[stream].append(image)
+                if len(batches[stream]) == batch_size:
+                    submit_batch(model_pool, stream)
+        for stream in (0, 1):
+            if batches[stream]:
+                submit_batch(model_pool, stream)
         while pending:
-            collect(pending.popleft())
+            collect(*pending.popleft())
     finally:  # a failed shard: let its batches on the model thread finish before the next shard's
-        for future in pending:
+        for _, future in pending:
             future.cancel()
-        for future in pending:
+        for _, future in pending:
             if not future.cancelled():
                 future.exception()
     # Wall time the model waited on input: everything in the loop that was not inference.
     timing["wait_input"] = max(0.0, time.perf_counter() - read_start - timing["infer"])
 
-    outputs = {name: np.concatenate(parts).reshape(len(keys), views, *parts[0].shape[1:])
-               for name, parts in chunks.items()}
+    outputs = {}
+    for name, parts in chunks[0].items():
+        plain = np.concatenate(parts)[:, np.newaxis]
+        if views > 1:
+            rest = np.concatenate(chunks[1][name]).reshape(len(keys), views - 1, *parts[0].shape[1:])
+            plain = np.concatenate([plain, rest], axis=1)
+        outputs[name] = plain
     table = task.make_table(model, keys, labels, outputs)
     stats = ShardStats(shard_id=shard.shard_id, signature=shard.signature, fingerprint=fingerprint,
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+                       worker=f"{socket.gethostname()}:{os.getpid()}", counts=task_counts(task, labels, outputs))
     stats.started_at = started_at
     if first_batch:
         stats.first_batch_at, stats.first_batch_images = first_batch[0], int(first_batch[1])
