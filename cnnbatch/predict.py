@@ -30,11 +30,22 @@ from .pipeline import JobSummary, ShardedJob, run_sharded_job
 from .pool import PoolOptions
 from .precision import PRECISIONS
 from .predictor import Predictor, top_k
-from .predicttask import PredictTask, prediction_fingerprint, prediction_metadata, tta_metadata
+from .predicttask import (
+    PredictTask,
+    prediction_fingerprint,
+    prediction_metadata,
+    prediction_schema,
+    prediction_table,
+    tta_metadata,
+)
 from .tfruntime import resolve_precision
 from .weights import DEFAULT_RANDOM_SEED
 
 log = logging.getLogger(__name__)
+
+# The job's public names, the prediction table's layout among them (it lives with the task, in predicttask.py).
+__all__ = ["ImagePrediction", "PredictConfig", "manifest_sha256", "open_model", "predict_bulk", "predict_image",
+           "prediction_schema", "prediction_table", "run_predict", "top_k"]
 
 
 @dataclass(frozen=True)
