@@ -1,7 +1,10 @@
-"""Shared fixtures: small sample images, a weights file the tests save themselves, and one real local Ray cluster.
+"""Shared fixtures and helpers: small sample images, a weights file the tests save themselves, feature datasets
+written with the real writer, and moto's S3 server.
 
-Unit tests use none of the heavy fixtures. Integration tests take ``ray_cluster`` (a real local cluster with two
-CPUs, shared by the module) and small images (VGG16 accepts 32 px), so the whole suite runs on two cores.
+Unit tests (``tests/test_<module>.py``, one file per module of cnnbatch/) start no Ray: :func:`_no_ray_in_unit_tests`
+makes any ``ray.init`` outside ``tests/integration/`` fail. Integration tests (``tests/integration/``: Ray clusters,
+the CLI in a subprocess, whole jobs end to end) take ``ray_cluster`` from ``tests/integration/conftest.py`` and
+small images (VGG16 accepts 32 px), so the whole suite runs on two cores.
 """
 
 from __future__ import annotations
@@ -11,12 +14,36 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TEST_IMAGE_SIZE = 32  # VGG16's smallest input: keeps CPU inference fast
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+# --- the fast lane starts no Ray ---------------------------------------------------------------------------------
+
+def is_integration(item: pytest.Item) -> bool:
+    return Path(str(item.path)).resolve().is_relative_to(INTEGRATION)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test that reaches ``ray.init`` (directly, or through a job's driver) fails here, naming the remedy:
+    ``make test-fast`` must never start a cluster."""
+    if is_integration(request.node):
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} called ray.init: unit tests start no Ray. Test the function "
+                             "below the driver, or move the test to tests/integration/ (it then gets the "
+                             "ray_cluster fixture and the integration mark)")
+
+    monkeypatch.setattr(ray, "init", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +67,6 @@ def vgg16_weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "vgg16_notop.weights.h5"
     model.save_weights(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One real local Ray cluster per test module (two CPUs, as on this machine)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
@@ -118,3 +132,74 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# --- feature datasets as cnnbatch extract writes them -------------------------------------------------------------
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def feature_metadata(dim: int, **overrides) -> dict:
+    """Schema metadata shaped as cnnbatch extract writes it."""
+    metadata = {"kind": "features", "backbone": "vgg16", "dim": dim,
+                "weights": {"kind": "random", "uri": None, "sha256": None, "seed": 1337}, "image_size": 32,
+                "preprocessing": "keras.applications.vgg16.preprocess_input(caffe:BGR,mean-subtract)",
+                "decode": "pillow-bilinear-exif-draft2-v1", "precision": "float32"}
+    metadata.update(overrides)
+    return metadata
+
+
+def learnable(rows_per_class: int, dim: int, seed: int = 0, scale: float = 50.0,
+              offset: float = 100.0) -> tuple[np.ndarray, list[str]]:
+    """Separable classes on a large offset and scale, so an unnormalised head would struggle."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1.0, (len(CLASSES), dim))
+    x = np.concatenate([centres[c] + rng.normal(0, 0.35, (rows_per_class, dim)) for c in range(len(CLASSES))])
+    labels = [label for label in CLASSES for _ in range(rows_per_class)]
+    return (x * scale + offset).astype(np.float32), labels
+
+
+def write_features(root: Path, x: np.ndarray, labels: list[str | None], parts: int = 3, prefix: str = "img",
+                   row_group_rows: int | None = None, success: bool = True, **metadata) -> Path:
+    """A feature dataset as extract writes it: part files, schema metadata, ``_SUCCESS``."""
+    import pyarrow.parquet as pq
+
+    from cnnbatch.extract import embeddings_table, feature_schema
+    from cnnbatch.output import SUCCESS_FILE
+    from cnnbatch.parquetio import table_to_parquet_bytes
+
+    root.mkdir(parents=True, exist_ok=True)
+    schema = feature_schema(x.shape[1], feature_metadata(x.shape[1], **metadata))
+    keys = [f"{prefix}/{label}/{i:05d}.jpg" for i, label in enumerate(labels)]
+    for part, rows in enumerate(np.array_split(np.arange(len(labels)), parts)):
+        table = embeddings_table([keys[i] for i in rows], [labels[i] for i in rows], x[rows], schema)
+        path = root / f"part-{part:06d}.parquet"
+        if row_group_rows:
+            pq.write_table(table, path, row_group_size=row_group_rows)
+        else:
+            path.write_bytes(table_to_parquet_bytes(table))
+    if success:
+        (root / SUCCESS_FILE).write_text("{}")
+    return root
+
+
+# --- a model folder as cnnbatch train writes it (a linear head on a seeded random VGG16's features) --------------
+
+MODEL_LABELS = ("checks", "dots", "stripes")
+
+
+def write_small_model(uri: str, image_size: int = TEST_IMAGE_SIZE, seed: int = 3, labels=MODEL_LABELS):
+    """A model folder whose head maps VGG16's 512 features to ``labels`` (seeded, untrained); ``(info, head)``."""
+    from cnnbatch.decode import DECODE_VERSION
+    from cnnbatch.head import HeadSpec, build_head
+    from cnnbatch.modelio import ModelInfo, write_model_folder
+    from cnnbatch.weights import WeightsRef
+
+    rng = np.random.default_rng(seed)
+    head = build_head(HeadSpec("linear"), 512, len(labels), rng.normal(0, 1, 512), rng.uniform(0.5, 2, 512),
+                      seed=seed)
+    info = ModelInfo(backbone="vgg16", image_size=image_size, weights=WeightsRef("random", seed=seed),
+                     feature_dim=512, labels=tuple(labels), head="linear", precision="float32",
+                     preprocessing="keras.applications.vgg16.preprocess_input(caffe:BGR,mean-subtract)",
+                     decode=DECODE_VERSION)
+    return write_model_folder(uri, head, info, {"validation": {"accuracy": 0.5}}, {}), head

@@ -1,84 +1,123 @@
-"""The command line: bad flags, missing inputs, unusable weights and incompatible outputs are one clear line."""
+"""The command line in this process: one parser per job built from its config, errors as one line with exit 1 (the
+job could not run) or 2 (bad arguments), the summary report. (The same in a fresh process, as a user runs it:
+tests/integration/test_cli.py.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from cnnbatch.output import OutputDataset
+from cnnbatch import cli
+from cnnbatch.cli import JOBS, build_parser, main, report
+from cnnbatch.output import OutputError
 
-from .conftest import REPO, run_cli
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
-    assert result.returncode == code, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    error_lines = [line for line in lines if "error:" in line]
-    assert len(error_lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
+from .conftest import learnable, write_features
 
 
-@pytest.mark.parametrize(
-    ("args", "code", "fragments"),
-    [
-        (["extract", "--input", "x"], 2, ["the following arguments are required: --output"]),
-        (["extract", "--input", "x", "--output", "y", "--backbone", "resnet"], 2, ["invalid choice: 'resnet'"]),
-        (["extract", "--input", "x", "--output", "y", "--batch-size", "0"], 2,
-         ["--batch-size must be at least 1, got 0"]),
-        (["extract", "--input", "x", "--output", "y", "--image-size", "16"], 2,
-         ["--image-size for vgg16 must be at least 32 px, got 16"]),
-        (["extract", "--input", "x", "--output", "y", "--workers", "many"], 2, ["invalid int value: 'many'"]),
-        (["frobnicate"], 2, ["invalid choice: 'frobnicate'"]),
-    ],
-)
-def test_bad_arguments(args: list[str], code: int, fragments: list[str]) -> None:
-    assert_one_line_error(run_cli(*args), code, *fragments)
+@pytest.fixture(autouse=True)
+def _drop_the_cli_log_handler():
+    """``main`` installs cnnbatch's stderr handler on the root logger; each test starts and ends without it."""
+    yield
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_cnnbatch", False)]:
+        root.removeHandler(handler)
 
 
-def test_missing_input(tmp_path: Path) -> None:
-    result = run_cli("extract", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"),
-                     "--weights", "random")
-    assert_one_line_error(result, 1, "does not exist")
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]
 
 
-def test_unusable_weights(tmp_path: Path, sample_root: Path) -> None:
-    images = str(sample_root / "train")
-    result = run_cli("extract", "--input", images, "--output", str(tmp_path / "o"), "--weights", "weights.bin")
-    assert_one_line_error(result, 1, "--weights must be imagenet, random, or a notop weights file", "weights.bin")
-    result = run_cli("extract", "--input", images, "--output", str(tmp_path / "o"),
-                     "--weights", str(tmp_path / "missing.weights.h5"))
-    assert_one_line_error(result, 1, "weights file", "does not exist")
+def test_train_exit_codes(tmp_path: Path, capsys) -> None:
+    """Moved here from the train tests: a bad value is 2, features that cannot be trained on are 1."""
+    x, labels = learnable(4, 8)
+    first = write_features(tmp_path / "a", x, labels)
+    second = write_features(tmp_path / "b", x, labels, image_size=64)
+    assert main(["train", "--features", str(first), "--output", str(tmp_path / "m"),
+                 "--validation-split", "1.5"]) == 2
+    assert main(["train", "--features", str(first), str(second), "--output", str(tmp_path / "m")]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].startswith("cnnbatch train: error: feature sets differ in image_size")
+    assert "--validation-split must be between 0 and 1, got 1.5" in errors[0]
 
 
-def test_output_of_another_backbone_is_refused(tmp_path: Path, sample_root: Path) -> None:
-    out = tmp_path / "features"
-    OutputDataset(str(out)).prepare("another-fingerprint", {"backbone": "inceptionv3"}, overwrite=False)
-    result = run_cli("extract", "--input", str(sample_root / "train"), "--output", str(out),
-                     "--weights", "random", "--gpus-per-worker", "0", "--precision", "float32")
-    assert_one_line_error(result, 1, "holds results of another configuration",
-                          "backbone: existing 'inceptionv3', now 'vgg16'", "--overwrite")
+
+def test_every_job_has_a_subcommand_with_its_config_flags() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "job")
+    assert set(sub.choices) == set(JOBS) >= {"extract", "train", "predict", "plan"}
+    extract = sub.choices["extract"].format_help()
+    assert "--input URI" in extract and "--gpus-per-worker F" in extract and "--log-level" not in extract
 
 
-def test_jobs_entrypoint_takes_the_same_flags() -> None:
-    job = subprocess.run([sys.executable, "-m", "jobs.extract", "--help"], capture_output=True, text=True, cwd=REPO)
-    cli = run_cli("extract", "--help")
-    assert job.returncode == cli.returncode == 0
-    flags = lambda text: sorted(word for word in text.split() if word.startswith("--"))  # noqa: E731
-    assert flags(job.stdout) == flags(cli.stdout) and "--gpus-per-worker" in flags(job.stdout)
+def test_parse_errors_exit_2_with_argparse_s_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, message in ((["extract", "--input", "x"], "the following arguments are required: --output"),
+                          (["frobnicate"], "invalid choice: 'frobnicate'"),
+                          (["extract", "--input", "x", "--output", "y", "--workers", "many"],
+                           "invalid int value: 'many'")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        (line,) = error_lines(capsys.readouterr().err)
+        assert message in line
 
 
-def test_weights_file_that_is_not_hdf5_fails_in_one_line(tmp_path: Path, sample_root: Path) -> None:
-    bad = tmp_path / "vgg16.weights.h5"
-    bad.write_bytes(b"this is not HDF5")
-    result = run_cli("extract", "--input", str(sample_root / "train"), "--output", str(tmp_path / "o"),
-                     "--weights", str(bad), "--image-size", "32", "--gpus-per-worker", "0")
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("cnnbatch extract: error: workers could not start: WeightsError: cannot load weights"), \
-        result.stderr[-3000:]
-    assert "into vgg16 at 32 px" in last
+def test_a_config_that_fails_validation_exits_2_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["extract", "--input", "x", "--output", "y", "--batch-size", "0"]) == 2
+    assert main(["extract", "--input", "x", "--output", "y", "--image-size", "16"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert lines == ["cnnbatch extract: error: --batch-size must be at least 1, got 0",
+                     "cnnbatch extract: error: --image-size for vgg16 must be at least 32 px, got 16"]
+
+
+def test_a_missing_input_exits_1_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["extract", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"),
+                 "--weights", "random", "--gpus-per-worker", "0"]) == 1
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert line.startswith("cnnbatch extract: error:") and "does not exist" in line and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_known_errors_are_one_redacted_line(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    def locked(job, namespace):
+        raise OutputError("output s3://AKIAFAKE:hunter2@bucket/out is being written by another run")
+
+    monkeypatch.setattr(cli, "run_job", locked)
+    assert main(["train", "--features", "f", "--output", "o"]) == 1
+    assert error_lines(capsys.readouterr().err) == [
+        "cnnbatch train: error: output s3://***@bucket/out is being written by another run"]
+
+
+def test_an_interrupt_says_how_to_resume(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(job, namespace):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_job", interrupted)
+    assert main(["plan", "--input", "x"]) == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_report_prints_the_line_and_fails_on_failed_shards(capsys: pytest.CaptureFixture[str]) -> None:
+    job = JOBS["extract"]
+    assert report(job, SimpleNamespace(line=lambda: "10 images", failed={})) == 0
+    assert capsys.readouterr().out == "cnnbatch extract: 10 images\n"
+    assert report(job, SimpleNamespace(line=lambda: "8 images", failed={"b": "ReadError", "a": "died"})) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "cnnbatch extract: 8 images\n"
+    assert captured.err.splitlines() == ["cnnbatch extract: shard a failed: died", "cnnbatch extract: shard b failed: "
+                                         "ReadError", "cnnbatch extract: error: 2 shards failed; rerun the same "
+                                         "command to retry them"]
+    assert report(JOBS["predict"], SimpleNamespace(line=lambda: '{"label": "cat"}', bare=True)) == 0
+    assert capsys.readouterr().out == '{"label": "cat"}\n'  # the answer itself: nothing but it on stdout
+
+
+def test_help_names_the_tool_and_where_to_start(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "cnnbatch plan --input URI" in out and "Exit status: 0 success" in out

@@ -1,160 +1,125 @@
-"""Extraction end to end on a real local Ray cluster: folder and tar inputs, the plain Keras recipe, exactly once."""
+"""The extract job without Ray: its flags, the feature table's layout, what the metadata records and what makes
+two runs interchangeable (the fingerprint), and the job it prepares for the driver. (Extraction on a real cluster:
+tests/integration/test_extract.py.)"""
 
 from __future__ import annotations
 
-import io
-import shutil
-import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 
-from cnnbatch.extract import ExtractConfig, run_extract
+from cnnbatch.embed import ModelSpec
+from cnnbatch.extract import (
+    AUGMENTED_COLUMN,
+    ExtractConfig,
+    embeddings_table,
+    extraction_fingerprint,
+    feature_metadata,
+    feature_schema,
+    prepare_extract,
+)
 from cnnbatch.parquetio import read_metadata
-from cnnbatch.weights import sha256_file
+from cnnbatch.weights import WeightsRef, sha256_file
 
 from .conftest import TEST_IMAGE_SIZE
 
-pytestmark = pytest.mark.integration
-
-
-def real_photo() -> Path:
-    """A real photograph that ships with matplotlib (Grace Hopper, 512x600 JPEG): exercises the draft path."""
-    import matplotlib
-
-    return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-
 
 @pytest.fixture(scope="module")
-def folder_input(tmp_path_factory, sample_root: Path) -> Path:
-    root = tmp_path_factory.mktemp("folder-input")
-    shutil.copytree(sample_root / "train", root, dirs_exist_ok=True)
-    shutil.copy(real_photo(), root / "dots" / "grace_hopper.jpg")
-    (root / "stripes" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    (root / "unlabelled.png").write_bytes((sample_root / "train" / "checks" / "checks-0004.png").read_bytes())
-    return root
+def file_weights(vgg16_weights_file: Path) -> WeightsRef:
+    return WeightsRef("file", uri=str(vgg16_weights_file), sha256=sha256_file(vgg16_weights_file))
 
 
-@pytest.fixture(scope="module")
-def folder_run(ray_cluster, folder_input: Path, vgg16_weights_file: Path, tmp_path_factory):
-    output = tmp_path_factory.mktemp("features") / "out"
-    config = ExtractConfig(input=str(folder_input), output=str(output), backbone="vgg16",
-                           weights=str(vgg16_weights_file), image_size=TEST_IMAGE_SIZE, batch_size=8,
-                           shard_size=7, workers=2, gpus_per_worker=0, precision="float32")
-    return config, run_extract(config)
+def test_precision_is_in_metadata_and_fingerprint(file_weights: WeightsRef) -> None:
+    """Moved here from the precision tests."""
+    specs = {p: ModelSpec("vgg16", TEST_IMAGE_SIZE, file_weights, p) for p in ("float32", "bfloat16", "float16")}
+    assert len({extraction_fingerprint(spec) for spec in specs.values()}) == 3
+    assert feature_metadata(specs["bfloat16"])["precision"] == "bfloat16"
 
 
-def input_keys(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+@pytest.mark.parametrize("overrides, message", [
+    ({"backbone": "resnet9000"}, "unknown backbone 'resnet9000'"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"shard_size": 0}, "--shard-size must be at least 1, got 0"),
+    ({"workers": 0}, "--workers must be at least 1, got 0"),
+    ({"gpus_per_worker": -1.0}, "--gpus-per-worker must be 0 or more, got -1.0"),
+    ({"image_size": 16}, "--image-size for vgg16 must be at least 32 px, got 16"),
+    ({"backbone": "inceptionv3", "image_size": 64}, "--image-size for inceptionv3 must be at least 75 px, got 64"),
+    ({"augment_views": -1}, "--augment-views must be 0 or more, got -1"),
+])
+def test_config_refuses_bad_values_naming_expected_and_got(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExtractConfig(**{"input": "in", "output": "out", **overrides})
 
 
-def test_every_image_exactly_once_in_features_or_errors(folder_run, folder_input: Path) -> None:
-    config, summary = folder_run
-    assert summary.ok and summary.failed == {}
-    features = ds.dataset(config.output).to_table()
-    errors = pq.read_table(Path(config.output) / "_errors").to_pylist()
-    keys = features.column("key").to_pylist() + [e["key"] for e in errors]
-    assert len(keys) == len(set(keys))
-    assert set(keys) == input_keys(folder_input)
-    assert [e["key"] for e in errors] == ["stripes/broken.jpg"]
-    assert errors[0]["error"].startswith("cannot decode image")
-    assert summary.images == len(keys) and summary.errors == 1
-    labels = dict(zip(features.column("key").to_pylist(), features.column("label").to_pylist()))
-    assert labels["dots/grace_hopper.jpg"] == "dots" and labels["unlabelled.png"] is None
+def test_the_feature_table_layout() -> None:
+    schema = feature_schema(4, {"backbone": "vgg16"})
+    assert schema.names == ["key", "label", "embedding"]
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 4)
+    vectors = np.arange(8, dtype=np.float64).reshape(2, 4)  # cast to float32 on the way in
+    table = embeddings_table(["a", "b"], ["cat", None], vectors, schema)
+    assert table.column("label").to_pylist() == ["cat", None]
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                                  vectors.astype(np.float32))
+    assert read_metadata(table.schema) == {"backbone": "vgg16"}
 
 
-def test_features_match_the_plain_keras_recipe(folder_run, folder_input: Path, vgg16_weights_file: Path) -> None:
-    """keras.utils.load_img(bilinear) -> preprocess_input -> model, on the same files and weights file."""
-    import keras
-
-    config, _ = folder_run
-    table = ds.dataset(config.output).to_table()
-    ours = dict(zip(table.column("key").to_pylist(),
-                    np.stack(table.column("embedding").to_numpy(zero_copy_only=False))))
-    model = keras.applications.VGG16(include_top=False, weights=str(vgg16_weights_file),
-                                     input_shape=(TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3), pooling="avg")
-    keys = sorted(ours)
-    pixels = np.stack([keras.utils.img_to_array(keras.utils.load_img(
-        folder_input / key, target_size=(TEST_IMAGE_SIZE, TEST_IMAGE_SIZE), interpolation="bilinear"))
-        for key in keys])
-    recipe = np.asarray(model(keras.applications.vgg16.preprocess_input(pixels), training=False))
-    for key, expected in zip(keys, recipe):
-        got = ours[key]
-        cosine = float(got @ expected / (np.linalg.norm(got) * np.linalg.norm(expected)))
-        assert cosine >= 0.9995, f"{key}: cosine {cosine:.6f}"
+def test_augmented_views_are_a_nested_column_of_the_declared_shape() -> None:
+    schema = feature_schema(4, {}, views=2)
+    assert schema.field(AUGMENTED_COLUMN).type == pa.list_(pa.list_(pa.float32(), 4), 2)
+    views = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)
+    table = embeddings_table(["a", "b", "c"], [None] * 3, np.zeros((3, 4), np.float32), schema, views)
+    assert table.column(AUGMENTED_COLUMN).to_pylist()[1] == views[1].tolist()
+    with pytest.raises(ValueError, match=r"expected augmented vectors of shape \(N, 2, 4\), got \(3, 3, 4\)"):
+        embeddings_table(["a", "b", "c"], [None] * 3, np.zeros((3, 4), np.float32), schema,
+                         np.zeros((3, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="got None"):
+        embeddings_table(["a"], [None], np.zeros((1, 4), np.float32), schema)
 
 
-def test_schema_metadata_records_how_vectors_were_made(folder_run, vgg16_weights_file: Path) -> None:
-    config, _ = folder_run
-    parts = sorted(Path(config.output).glob("part-*.parquet"))
-    assert [p.name for p in parts] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
-    schema = pq.read_schema(parts[0])
-    assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[512]"
-    meta = read_metadata(schema)
-    assert meta["backbone"] == "vgg16" and meta["dim"] == 512 and meta["image_size"] == TEST_IMAGE_SIZE
-    assert meta["weights"]["kind"] == "file" and meta["weights"]["sha256"] == sha256_file(vgg16_weights_file)
-    assert "preprocess_input" in meta["preprocessing"] and meta["precision"] == "float32"
-    assert {"tensorflow", "keras", "pyarrow", "pillow", "cnnbatch"} <= set(meta["versions"])
+def test_the_fingerprint_follows_what_changes_the_vectors_only(file_weights: WeightsRef, tmp_path: Path) -> None:
+    base = ModelSpec("vgg16", 32, file_weights, "float32")
+    copy = WeightsRef("file", uri=str(tmp_path / "elsewhere.weights.h5"), sha256=file_weights.sha256)
+    assert extraction_fingerprint(ModelSpec("vgg16", 32, copy, "float32")) == extraction_fingerprint(base)
+    others = [ModelSpec("vgg16", 64, file_weights, "float32"), ModelSpec("vgg16", 32, WeightsRef("random", seed=1)),
+              ModelSpec("inceptionv3", 75, WeightsRef("random", seed=1))]
+    assert len({extraction_fingerprint(spec) for spec in [base, *others]}) == 4
 
 
-def test_duckdb_reads_the_features_alone(folder_run) -> None:
-    duckdb = pytest.importorskip("duckdb")
-    config, summary = folder_run
-    rows = duckdb.sql(f"SELECT count(*), count(DISTINCT key), min(len(embedding)) "
-                      f"FROM read_parquet('{config.output}/*.parquet')").fetchall()
-    assert rows == [(summary.rows, summary.rows, 512)]
+def test_metadata_records_the_recipe_of_the_vectors_without_credentials() -> None:
+    weights = WeightsRef("file", uri="s3://AKIAFAKE:hunter2@bucket/w.weights.h5", sha256="a" * 64)
+    meta = feature_metadata(ModelSpec("vgg16", 48, weights, "bfloat16"))
+    assert (meta["kind"], meta["backbone"], meta["dim"], meta["image_size"]) == ("features", "vgg16", 512, 48)
+    assert meta["weights"]["uri"] == "s3://***@bucket/w.weights.h5" and meta["weights"]["sha256"] == "a" * 64
+    assert meta["preprocessing"].startswith("keras.applications.vgg16.preprocess_input")
+    assert meta["decode"] and "cnnbatch" in meta["versions"] and "augment" not in meta
 
 
-def test_success_manifest_and_stats_per_shard(folder_run) -> None:
-    import json
-
-    config, summary = folder_run
-    manifest = json.loads((Path(config.output) / "_SUCCESS").read_text())
-    assert manifest["totals"] == {"shards": 3, "rows": summary.rows, "errors": 1}
-    stats = json.loads((Path(config.output) / "_stats" / "000000.json").read_text())
-    assert {"read", "decode", "infer", "write", "total"} <= set(stats["seconds"])
-    assert stats["rows"] + stats["errors"] == 7
-
-
-def test_rerun_skips_done_shards_and_rewrites_nothing(folder_run) -> None:
-    config, _ = folder_run
-    before = {p: p.stat().st_mtime_ns for p in Path(config.output).rglob("*") if p.is_file()}
-    again = run_extract(config)
-    assert again.ok and again.shards_done == 0 and again.shards_skipped == 3
-    after = {p: p.stat().st_mtime_ns for p in Path(config.output).rglob("*") if p.is_file()}
-    assert after == before
-
-
-def write_webdataset(path: Path, sample_root: Path) -> dict[str, str | None]:
-    """A WebDataset tar: <key>.jpg/.png with a .cls label for most samples; returns key -> label."""
-    expected: dict[str, str | None] = {}
-    with tarfile.open(path, "w") as archive:
-        for index, image in enumerate(sorted((sample_root / "holdout").rglob("*.*"))):
-            key = f"sample{index:03d}"
-            label = image.parent.name if index % 3 else None
-            members = {f"{key}{image.suffix}": image.read_bytes()}
-            if label:
-                members[f"{key}.cls"] = label.encode()
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-            expected[f"{path.stem}/{key}"] = label
-    return expected
+def test_prepare_describes_the_job_without_starting_ray(tmp_path: Path) -> None:
+    images = tmp_path / "in" / "cats"
+    images.mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"x")
+    config = ExtractConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), weights="random",
+                           image_size=32, shard_size=7, workers=3, gpus_per_worker=0, precision="float32", seed=4)
+    job = prepare_extract(config)  # explicit GPUs and precision: nothing to ask a cluster
+    assert (job.input_uri, job.output_uri, job.shard_size) == (config.input, config.output, 7)
+    assert (job.pool.workers, job.pool.gpus_per_worker) == (3, 0)
+    assert job.task.model == ModelSpec("vgg16", 32, WeightsRef("random", seed=4), "float32")
+    assert job.fingerprint == extraction_fingerprint(job.task.model)
+    assert job.config["weights_identity"] == "random:seed=4" and "augment_views" not in job.config
+    assert job.task.views == 1 and job.task.image_size == 32
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    assert job.task.variants("cats/a.jpg", pixels).shape == (1, 32, 32, 3)
+    model = SimpleNamespace(feature_dim=512, weights_sha256="b" * 64)  # what make_table reads from the embedder
+    table = job.task.make_table(model, ["cats/a.jpg"], ["cats"], {"embedding": np.ones((1, 1, 512), np.float32)})
+    assert table.num_rows == 1 and read_metadata(table.schema)["weights"]["sha256"] == "b" * 64
 
 
-def test_tar_shard_extraction(ray_cluster, sample_root: Path, tmp_path: Path) -> None:
-    inputs = tmp_path / "tars"
-    inputs.mkdir()
-    expected = write_webdataset(inputs / "holdout-0000.tar", sample_root)
-    config = ExtractConfig(input=str(inputs), output=str(tmp_path / "out"), weights="random",
-                           image_size=TEST_IMAGE_SIZE, batch_size=4, workers=1, gpus_per_worker=0,
-                           precision="float32")
-    summary = run_extract(config)
-    assert summary.ok and summary.errors == 0
-    table = pq.read_table(tmp_path / "out" / "part-holdout-0000.parquet")
-    assert dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist())) == expected
-    assert read_metadata(table.schema)["weights"]["kind"] == "random"
+def test_prepare_refuses_a_missing_input_before_anything_else(tmp_path: Path) -> None:
+    from cnnbatch.storage import StorageError
+
+    with pytest.raises(StorageError, match="does not exist"):
+        prepare_extract(ExtractConfig(input=str(tmp_path / "nope"), output=str(tmp_path / "out"), weights="random",
+                                      gpus_per_worker=0, precision="float32"))

@@ -1,4 +1,5 @@
-"""Shard listing and record reading for the three input layouts, with no Ray and no TensorFlow."""
+"""Shard listing and record reading for the three input layouts, with no Ray and no TensorFlow; on moto's S3 the
+sorted listing streams page by page and gives the same shards as on disk."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 from cnnbatch import storage
 from cnnbatch.shards import InputError, file_shard_id, folder_label, iter_records, list_shards
+
+from .conftest import S3Server
 
 
 def touch(root: Path, rel: str, data: bytes = b"x") -> None:
@@ -41,7 +44,8 @@ def test_folder_listing_is_sorted_chunked_and_stable(tmp_path: Path) -> None:
     assert [(s.shard_id, s.paths, s.signature) for s in again] == [(s.shard_id, s.paths, s.signature) for s in shards]
     touch(tmp_path, "zebra/new.jpg")
     grown = list(list_shards(str(tmp_path), shard_size=2))
-    assert [s.signature for s in grown[:3]] == [s.signature for s in shards]  # appended keys leave old shards as they were
+    # appended keys leave old shards as they were
+    assert [s.signature for s in grown[:3]] == [s.signature for s in shards]
 
 
 def test_sorted_walk_equals_a_flat_sorted_listing(tmp_path: Path) -> None:
@@ -128,3 +132,62 @@ def test_mixed_layouts_and_empty_inputs_are_refused(tmp_path: Path) -> None:
 def test_file_shard_ids_are_safe_names() -> None:
     assert file_shard_id("a/b/train-0001.tar") == "a__b__train-0001"
     assert file_shard_id("we ird#name.parquet") == "we_ird_name"
+
+
+# --- on S3 (moto's server over real HTTP) ----------------------------------------------------------------------
+
+# Names whose byte order trips naive sorts: "." < "/" < "0" < "A" < "_" < "a" < "é", a folder beside a file of
+# the same stem, and a console-made "folder marker" key (ending in "/") that is no file.
+TRICKY_NAMES = ["a.jpg", "a/b.jpg", "a/c/d.png", "a-b.jpg", "a0.jpg", "A.jpg", "a_b/x.jpg", "b.jpg",
+                "z/é.jpg", "z/e.jpg", "z/y/0.jpg", "ab.jpg"]
+
+def s3fs_for(env: S3Server):
+    """A client configured by the environment alone (``s3_env`` set it), as cnnbatch's own are."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def upload_tree(fs, local: Path, bucket_prefix: str) -> list[str]:
+    keys = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    for key in keys:
+        fs.pipe_file(f"{bucket_prefix}/{key}", (local / key).read_bytes())
+    return keys
+
+
+def test_s3_listing_pages_stream_in_the_same_order_as_local(s3_env: S3Server, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    local = tmp_path / "tree"
+    for name in TRICKY_NAMES:
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(name.encode())
+    bucket = s3_env.new_bucket()
+    fs = s3fs_for(s3_env)
+    upload_tree(fs, local, f"{bucket}/imgs")
+    fs.pipe_file(f"{bucket}/imgs/z/", b"")  # a folder marker
+    fs.pipe_file(f"{bucket}/imgs-sibling/a.jpg", b"x")  # shares the prefix string, not the folder
+
+    local_fs, local_root = storage.filesystem(str(local))
+    expected = [p[len(local_root) + 1:] for p in storage.iter_sorted_files(local_fs, local_root)]
+    assert expected == sorted(TRICKY_NAMES)
+
+    calls: list[dict] = []
+    real_call = fs.call_s3
+
+    def counting_call(method, *args, **kwargs):
+        calls.append({"method": method, **kwargs})
+        return real_call(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", counting_call)
+    listing = storage.iter_sorted_files(fs, f"{bucket}/imgs", page_size=3)
+    first = next(listing)
+    assert len(calls) == 1, "the first key must come from the first page, before the rest is listed"
+    got = [first, *listing]
+    assert [p[len(bucket) + len("/imgs/"):] for p in got] == expected
+    pages = [c for c in calls if c["method"] == "list_objects_v2"]
+    assert len(pages) == 5 and all(c["MaxKeys"] == 3 and "Delimiter" not in c for c in pages)
+
+    # Shards (ids, keys, signatures aside) are the same whichever store holds the images.
+    on_s3 = [(s.shard_id, s.paths) for s in list_shards(f"s3://{bucket}/imgs", shard_size=5)]
+    on_disk = [(s.shard_id, s.paths) for s in list_shards(str(local), shard_size=5)]
+    assert on_s3 == on_disk and len(on_s3) == 3

@@ -1,6 +1,6 @@
-"""Faults: crash leftovers, a killed actor, a killed driver, a shard that keeps failing,
-two runs on one output. After each, every input image is in the output exactly once (features or ``_errors``).
-"""
+"""Faults with Ray: a killed actor, a killed driver, a shard that keeps failing, two runs on one output. After
+each, every input image is in the output exactly once (features or ``_errors``). (Crash leftovers without Ray:
+tests/test_output.py.)"""
 
 from __future__ import annotations
 
@@ -14,68 +14,15 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch.extract import embeddings_table, feature_schema
-from cnnbatch.output import OutputDataset
-from cnnbatch.shardstats import ShardStats
-
-from .conftest import REPO, S3Server, run_cli
+from ..conftest import REPO, run_cli
 
 FAULT_IMAGE_SIZE = 64  # ~2 s per 60-image shard on this CPU: slow enough to kill an actor mid-shard
 SHARD_SIZE = 60
 BROKEN = "dots/dots-0059.png"  # one input that cannot be decoded: it must land in _errors
-
-
-# --- leftovers of a crash are never taken for done -------------------------------------------------------------
-
-@pytest.fixture(params=["local", "s3"])
-def output_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "out")
-    s3: S3Server = request.getfixturevalue("s3_env")
-    return f"s3://{s3.new_bucket()}/out"
-
-
-def small_table(keys: list[str]) -> pa.Table:
-    schema = feature_schema(4, {"backbone": "test"})
-    return embeddings_table(keys, [None] * len(keys), np.ones((len(keys), 4), np.float32), schema)
-
-
-def test_crash_leftovers_are_never_read_as_done(output_uri: str) -> None:
-    out = OutputDataset(output_uri)
-    out.prepare("fp", {"backbone": "test"}, overwrite=False)
-    for shard in ("a", "b", "c", "d"):
-        out.write_shard(ShardStats(shard, "sig", "fp"), small_table([f"{shard}1", f"{shard}2"]), [])
-    assert all(out.done_stats(s, "sig", "fp") for s in "abcd")
-
-    fs, stats_of = out.fs, (lambda shard: f"{out.path}/_stats/{shard}.json")
-    fs.pipe_file(out.part_path("a"), b"PAR1 half a part")  # the part was replaced, its stats is stale
-    fs.rm_file(stats_of("b"))
-    fs.pipe_file(out.part_path("b"), b"garbage without any stats")  # a part written, then the crash
-    fs.pipe_file(stats_of("c"), b'{"shard_id": "c", "fingerpr')  # a torn stats record
-    assert out.done_stats("d", "sig", "other-fingerprint") is None  # done for another configuration only
-    assert out.done_stats("d", "other-input", "fp") is None  # the input changed since
-    assert [s for s in "abcd" if out.done_stats(s, "sig", "fp")] == ["d"]
-
-
-def test_hidden_temporary_files_are_ignored_then_cleaned(tmp_path: Path) -> None:
-    out = OutputDataset(str(tmp_path / "out"))
-    out.prepare("fp", {}, overwrite=False)
-    out.write_shard(ShardStats("000000", "sig", "fp"), small_table(["k1", "k2"]), [])
-    leftovers = [tmp_path / "out" / ".part-000001.parquet.0a1b2c3d.tmp",
-                 tmp_path / "out" / "_stats" / ".000001.json.deadbeef.tmp"]
-    for path in leftovers:
-        path.write_bytes(b"half written")
-    assert out.list_parts() == ["part-000000.parquet"]
-    assert out.done_stats("000001", "sig", "fp") is None
-    assert ds.dataset(str(tmp_path / "out")).to_table().num_rows == 2
-    out.prepare("fp", {}, overwrite=False)  # what a rerun does under the lock
-    assert not any(path.exists() for path in leftovers)
 
 
 # --- with Ray: a killed actor, a killed driver, a shard that keeps failing ---------------------------------------

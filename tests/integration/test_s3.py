@@ -1,4 +1,6 @@
-"""S3 end to end against moto's server over real HTTP: listing, exclusive creates, the lock, s3 -> s3 extraction.
+"""S3 end to end against moto's server over real HTTP: s3 -> s3 extraction through the CLI, and actors that get
+their storage settings from the driver. (Listing: tests/test_shards.py; exclusive creates and the lock:
+tests/test_lock.py.)
 
 Credentials and the endpoint come only from the standard ``AWS_*`` environment. The secret is fake but distinctive:
 it must never show up in the CLI's output, Ray's logs, or anything written to the bucket.
@@ -8,24 +10,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch import storage
-from cnnbatch.lock import OutputLock
-from cnnbatch.output import OutputDataset, OutputError
-from cnnbatch.shards import list_shards
-
-from .conftest import FAKE_AWS_KEY_ID, FAKE_AWS_SECRET, TEST_IMAGE_SIZE, S3Server, run_cli
-
-# Names whose byte order trips naive sorts: "." < "/" < "0" < "A" < "_" < "a" < "é", a folder beside a file of
-# the same stem, and a console-made "folder marker" key (ending in "/") that is no file.
-TRICKY_NAMES = ["a.jpg", "a/b.jpg", "a/c/d.png", "a-b.jpg", "a0.jpg", "A.jpg", "a_b/x.jpg", "b.jpg",
-                "z/é.jpg", "z/e.jpg", "z/y/0.jpg", "ab.jpg"]
+from ..conftest import FAKE_AWS_KEY_ID, FAKE_AWS_SECRET, TEST_IMAGE_SIZE, S3Server, run_cli
 
 
 def s3fs_for(env: S3Server):
@@ -40,100 +31,6 @@ def upload_tree(fs, local: Path, bucket_prefix: str) -> list[str]:
     for key in keys:
         fs.pipe_file(f"{bucket_prefix}/{key}", (local / key).read_bytes())
     return keys
-
-
-def test_s3_listing_pages_stream_in_the_same_order_as_local(s3_env: S3Server, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    local = tmp_path / "tree"
-    for name in TRICKY_NAMES:
-        (local / name).parent.mkdir(parents=True, exist_ok=True)
-        (local / name).write_bytes(name.encode())
-    bucket = s3_env.new_bucket()
-    fs = s3fs_for(s3_env)
-    upload_tree(fs, local, f"{bucket}/imgs")
-    fs.pipe_file(f"{bucket}/imgs/z/", b"")  # a folder marker
-    fs.pipe_file(f"{bucket}/imgs-sibling/a.jpg", b"x")  # shares the prefix string, not the folder
-
-    local_fs, local_root = storage.filesystem(str(local))
-    expected = [p[len(local_root) + 1:] for p in storage.iter_sorted_files(local_fs, local_root)]
-    assert expected == sorted(TRICKY_NAMES)
-
-    calls: list[dict] = []
-    real_call = fs.call_s3
-
-    def counting_call(method, *args, **kwargs):
-        calls.append({"method": method, **kwargs})
-        return real_call(method, *args, **kwargs)
-
-    monkeypatch.setattr(fs, "call_s3", counting_call)
-    listing = storage.iter_sorted_files(fs, f"{bucket}/imgs", page_size=3)
-    first = next(listing)
-    assert len(calls) == 1, "the first key must come from the first page, before the rest is listed"
-    got = [first, *listing]
-    assert [p[len(bucket) + len("/imgs/"):] for p in got] == expected
-    pages = [c for c in calls if c["method"] == "list_objects_v2"]
-    assert len(pages) == 5 and all(c["MaxKeys"] == 3 and "Delimiter" not in c for c in pages)
-
-    # Shards (ids, keys, signatures aside) are the same whichever store holds the images.
-    on_s3 = [(s.shard_id, s.paths) for s in list_shards(f"s3://{bucket}/imgs", shard_size=5)]
-    on_disk = [(s.shard_id, s.paths) for s in list_shards(str(local), shard_size=5)]
-    assert on_s3 == on_disk and len(on_s3) == 3
-
-
-def test_create_exclusive_on_s3_has_exactly_one_winner(s3_env: S3Server) -> None:
-    fs = s3fs_for(s3_env)
-    path = f"{s3_env.new_bucket()}/out/_LOCK"
-    contenders = 8
-    barrier = threading.Barrier(contenders)
-    results: dict[int, bool] = {}
-
-    def contend(index: int) -> None:
-        barrier.wait()
-        results[index] = storage.create_exclusive(fs, path, f"owner {index}".encode())
-
-    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    winners = [i for i, won in results.items() if won]
-    assert len(winners) == 1
-    assert fs.cat_file(path) == f"owner {winners[0]}".encode()
-    assert storage.create_exclusive(fs, path, b"late") is False
-
-
-def test_output_lock_on_s3_refuses_takes_over_and_notices_loss(s3_env: S3Server) -> None:
-    uri = f"s3://{s3_env.new_bucket()}/features"
-    output = OutputDataset(uri)
-    lock = output.acquire_lock()
-    with pytest.raises(OutputError, match="being written by another run"):
-        OutputDataset(uri).acquire_lock()
-    lock.release()
-    assert not output.fs.exists(f"{output.path}/_LOCK")
-
-    # A lock whose heartbeat stopped long ago (a driver on another machine that died) is taken over.
-    dead = {"owner": "other-host:123:abc", "machine": "other-host/boot", "pid": 123, "heartbeat": 1.0}
-    output.fs.pipe_file(f"{output.path}/_LOCK", json.dumps(dead).encode())
-    lock = output.acquire_lock()
-    assert json.loads(output.fs.cat_file(f"{output.path}/_LOCK"))["owner"] == lock.owner
-
-    # Another run overwrote the lock (both took over the same stale lock): the next beat notices.
-    output.fs.pipe_file(f"{output.path}/_LOCK", json.dumps({**dead, "heartbeat": 9e12}).encode())
-    lock.heartbeat()
-    assert lock.lost
-    lock.release()  # not ours any more: left alone
-    assert json.loads(output.fs.cat_file(f"{output.path}/_LOCK"))["owner"] == dead["owner"]
-
-
-def test_lock_heartbeat_thread_refreshes_on_s3(s3_env: S3Server) -> None:
-    uri = f"s3://{s3_env.new_bucket()}/features"
-    output = OutputDataset(uri)
-    lock = OutputLock(output.fs, f"{output.path}/_LOCK", heartbeat_seconds=0.2)
-    lock.acquire(uri, wait_seconds=0)
-    first = json.loads(output.fs.cat_file(lock.path))["heartbeat"]
-    threading.Event().wait(0.8)
-    assert json.loads(output.fs.cat_file(lock.path))["heartbeat"] > first
-    lock.release()
 
 
 # --- s3 -> s3 extraction through the CLI -----------------------------------------------------------------------

@@ -11,18 +11,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from cnnbatch.pool import PoolOptions, decode_cpus
-
-from .conftest import TEST_IMAGE_SIZE, run_cli
-
-pytestmark = pytest.mark.integration
-
-
-def test_gpu_actors_take_their_share_of_the_node_cpus_for_decoding() -> None:
-    assert decode_cpus(PoolOptions(gpus_per_worker=1), node_cpus=32, node_gpus=4) == 8
-    assert decode_cpus(PoolOptions(gpus_per_worker=0.5), node_cpus=16, node_gpus=2) == 4
-    assert decode_cpus(PoolOptions(gpus_per_worker=0, cpus_per_worker=3), node_cpus=64, node_gpus=0) == 3
-    assert decode_cpus(PoolOptions(gpus_per_worker=1, cpus_per_worker=2), node_cpus=2, node_gpus=4) == 2
+from ..conftest import TEST_IMAGE_SIZE, run_cli
 
 
 @pytest.fixture(scope="module")
