@@ -1,10 +1,9 @@
 """worker.process_shard's threads: reads and decodes on the decode threads, running ahead of the model.
-No Ray, no TensorFlow: the model is a numpy stand-in that takes measurable time."""
+No Ray, no TensorFlow: the model is a numpy stand-in; the tests synchronise on the decodes, never on time."""
 
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +15,6 @@ from cnnbatch.extract import embeddings_table, feature_schema
 from cnnbatch.output import OutputDataset
 from cnnbatch.sample import write_photo_folder
 from cnnbatch.shards import list_shards
-
-
-class SlowMeanColour:
-    """Each image's mean RGB, after ``seconds`` of 'compute'; records when it ran."""
-
-    def __init__(self, seconds: float, clock: list[tuple[str, float, float]]):
-        self.seconds, self.clock = seconds, clock
-
-    def __call__(self, batch: dict) -> dict:
-        started = time.perf_counter()
-        time.sleep(self.seconds)
-        images = batch["image"]
-        result = {"embedding": images.reshape(len(images), -1, 3).mean(axis=1).astype("float32")}
-        self.clock.append(("model", started, time.perf_counter()))
-        return result
 
 
 class Task:
@@ -49,34 +33,50 @@ def shard(tmp_path: Path):
     return next(iter(list_shards(str(folder), shard_size=100)))
 
 
-class TimedDecode:
-    """decode_image, made to take 5 ms so that overlaps would show, recording each interval on a shared clock."""
+class HeldModel:
+    """Each image's mean RGB; its first call waits (at most 60 s) until the decode threads have decoded
+    ``ahead`` images, and records whether they did while it waited."""
+
+    def __init__(self, ahead: int, decoded: threading.Semaphore):
+        self.ahead, self.decoded = ahead, decoded
+        self.calls = 0
+        self.ran_ahead: bool | None = None
+
+    def __call__(self, batch: dict) -> dict:
+        self.calls += 1
+        if self.calls == 1:
+            self.ran_ahead = all(self.decoded.acquire(timeout=60) for _ in range(self.ahead))
+        images = batch["image"]
+        return {"embedding": images.reshape(len(images), -1, 3).mean(axis=1).astype("float32")}
+
+
+class CountingDecode:
+    """decode_image, releasing a semaphore per image decoded."""
 
     def __init__(self) -> None:
-        self.clock: list[tuple[str, float, float]] = []
+        self.decoded = threading.Semaphore(0)
+        self.count = 0
+        self._lock = threading.Lock()
 
     def __call__(self, data: bytes, size: int) -> np.ndarray:
-        started = time.perf_counter()
-        time.sleep(0.005)
         pixels = decode_image(data, size)
-        self.clock.append(("decode", started, time.perf_counter()))
+        with self._lock:
+            self.count += 1
+        self.decoded.release()
         return pixels
 
 
-def overlaps(clock: list[tuple[str, float, float]]) -> int:
-    model = [(a, b) for kind, a, b in clock if kind == "model"]
-    decodes = [(a, b) for kind, a, b in clock if kind == "decode"]
-    return sum(1 for a, b in decodes for m_a, m_b in model if a < m_b and m_a < b)
-
-
 def test_decoding_runs_ahead_while_the_model_computes(shard, tmp_path: Path) -> None:
-    output, decode = OutputDataset(str(tmp_path / "out")), TimedDecode()
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.05, decode.clock), output, "f",
-                                 decode_threads=2, batches_in_flight=2, decode=decode)
+    """The model's first batch (4 images) holds until 8 images are decoded: the next batch's images are decoded
+    while the model is still busy with the first, synchronised on the decodes themselves (no timing)."""
+    output, decode = OutputDataset(str(tmp_path / "out")), CountingDecode()
+    model = HeldModel(ahead=2 * Task.batch_size, decoded=decode.decoded)
+    stats = worker.process_shard(shard, Task(), model, output, "f", decode_threads=2, batches_in_flight=2,
+                                 decode=decode)
     assert stats.rows == 20 and stats.errors == 0
-    assert sum(1 for kind, *_ in decode.clock if kind == "model") == 5
-    assert sum(1 for kind, *_ in decode.clock if kind == "decode") == 20  # the decode given was the one used
-    assert overlaps(decode.clock) > 0  # 50 ms batches while 5 ms decodes fill a window of 3 batches
+    assert model.calls == 5
+    assert decode.count == 20  # the decode given was the one used
+    assert model.ran_ahead, "the decode threads did not get ahead of a model that was still computing"
 
 
 def test_reads_and_decodes_run_on_the_decode_threads(shard, monkeypatch, tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_reads_and_decodes_run_on_the_decode_threads(shard, monkeypatch, tmp_pat
 
     monkeypatch.setattr(worker, "iter_records", records)
     output = OutputDataset(str(tmp_path / "out"))
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f", decode_threads=2,
+    stats = worker.process_shard(shard, Task(), MeanColour(), output, "f", decode_threads=2,
                                  decode=decode)
     assert stats.rows == 20 and stats.seconds["read"] > 0 and stats.seconds["decode"] > 0
     assert threads["read"] and all(name.startswith("decode") for name in threads["read"] | threads["decode"])
@@ -119,7 +119,7 @@ def test_an_unreadable_image_is_an_error_row_and_the_rest_go_on(shard, monkeypat
 
     monkeypatch.setattr(worker, "iter_records", records)
     output = OutputDataset(str(tmp_path / "out"))
-    stats = worker.process_shard(shard, Task(), SlowMeanColour(0.0, []), output, "f")
+    stats = worker.process_shard(shard, Task(), MeanColour(), output, "f")
     assert stats.rows == 19 and stats.errors == 1
     import pyarrow.parquet as pq
 
@@ -132,7 +132,7 @@ def test_a_task_whose_batch_size_is_undecided_is_refused(shard, tmp_path: Path) 
         batch_size = None
 
     with pytest.raises(ValueError, match="batch size must be decided"):
-        worker.process_shard(shard, Undecided(), SlowMeanColour(0.0, []), OutputDataset(str(tmp_path / "o")), "f")
+        worker.process_shard(shard, Undecided(), MeanColour(), OutputDataset(str(tmp_path / "o")), "f")
 
 
 # --- batches in flight: the same rows whatever the depth, one long-lived model thread -------------------------
