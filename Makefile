@@ -30,9 +30,10 @@ TOP_K ?= 1
 IMAGE ?=
 # predict reads new images and writes predictions: its own defaults unless INPUT / OUTPUT are given
 PREDICT_INPUT = $(if $(filter file,$(origin INPUT)),$(DATA)/sample/holdout,$(INPUT))
+FINETUNE_OUTPUT = $(if $(filter file,$(origin OUTPUT)),$(DATA)/model-finetuned,$(OUTPUT))
 PREDICT_OUTPUT = $(if $(filter file,$(origin OUTPUT)),$(DATA)/predictions,$(OUTPUT))
 
-.PHONY: help install demo test test-fast lint extract validate-k8s predict train ray-head ray-stop submit-train
+.PHONY: help install demo test test-fast lint extract validate-k8s predict train finetune ray-head ray-stop submit-train
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -71,6 +72,9 @@ predict: install ## bulk-predict: make predict INPUT=... MODEL=... OUTPUT=... [T
 
 train: install ## train a classifier head: make train FEATURES=data/features MODEL=data/model [EXTRA="--head linear"]
 	$(CNNBATCH) train --features $(FEATURES) --output $(MODEL) $(EXTRA)
+
+finetune: install ## fine-tune the backbone's top blocks: make finetune INPUT=... MODEL=data/model OUTPUT=data/model-ft [EXTRA=...]
+	$(CNNBATCH) finetune --input $(INPUT) --model $(MODEL) --output $(FINETUNE_OUTPUT) $(EXTRA)
 
 # A submitted entrypoint runs with the head's environment: the head starts with .venv/bin first on PATH so that
 # `python -m jobs.train` has the project. Token auth: the token is ~/.ray/auth_token (created here if missing).

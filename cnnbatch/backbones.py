@@ -24,6 +24,11 @@ class Backbone:
     min_input_size: int  # smallest size the architecture accepts without its top
     feature_dim: int  # width of the globally average-pooled output
     preprocessing: str  # stable name of the preprocessing, recorded in metadata and the resume fingerprint
+    finetune_from: str = ""  # finetune's default --trainable-from: the recipe's top blocks
+    # Names of blocks whose first layer is the one after the previous block's output (InceptionV3's mixed1..10:
+    # "--trainable-from mixed9" trains blocks 9 and 10, the recipe's "freeze the first 249 layers"). Other names
+    # are layer names, the first layer to train.
+    block_outputs: tuple[str, ...] = ()
 
     def _module(self) -> Any:
         from .tfruntime import keras_module
@@ -43,6 +48,17 @@ class Backbone:
     def preprocess_fn(self) -> Callable[[Any], Any]:
         """The backbone's own ``preprocess_input`` (takes float RGB in [0, 255])."""
         return self._module().preprocess_input
+
+    def trainable_start(self, layer_names: list[str], name: str | None) -> int:
+        """Index in ``layer_names`` (the built backbone's layers, in order) of the first layer to train."""
+        name = name or self.finetune_from
+        if name in self.block_outputs[1:]:
+            return layer_names.index(self.block_outputs[self.block_outputs.index(name) - 1]) + 1
+        if name in layer_names and name not in self.block_outputs:
+            return layer_names.index(name)
+        choices = [n for n in self.block_outputs[1:]] or [n for n in layer_names if "conv" in n]
+        raise ValueError(f"--trainable-from must name a layer of {self.name}: one of {', '.join(choices)}; "
+                         f"got {name!r}")
 
     def check_size(self, image_size: int | None) -> int:
         size = self.input_size if image_size is None else int(image_size)
@@ -64,6 +80,7 @@ BACKBONES: dict[str, Backbone] = {
             min_input_size=32,
             feature_dim=512,
             preprocessing="keras.applications.vgg16.preprocess_input(caffe:BGR,mean-subtract)",
+            finetune_from="block5_conv1",
         ),
         Backbone(
             name="inceptionv3",
@@ -73,6 +90,8 @@ BACKBONES: dict[str, Backbone] = {
             min_input_size=75,
             feature_dim=2048,
             preprocessing="keras.applications.inception_v3.preprocess_input(tf:[-1,1])",
+            finetune_from="mixed9",
+            block_outputs=tuple(f"mixed{i}" for i in range(11)),
         ),
     )
 }

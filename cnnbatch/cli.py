@@ -45,6 +45,8 @@ JOBS: dict[str, Job] = {
             "extract CNN feature vectors from images into Parquet"),
         Job("train", "cnnbatch.train", "TrainConfig", "run_train",
             "train a classifier head on feature Parquet into a model folder"),
+        Job("finetune", "cnnbatch.finetune", "FinetuneConfig", "run_finetune",
+            "fine-tune the backbone's top blocks with the head on augmented images into a model folder"),
         Job("predict", "cnnbatch.predict", "PredictConfig", "run_predict",
             "label images with backbone + trained head: in bulk into Parquet, or one image at a terminal"),
         Job("plan", "cnnbatch.plan", "PlanConfig", "run_plan", "dry run: count images, list layers, estimate hours"),
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from .finetunefit import FitError
+    from .imagestream import ImageSetError
     from .modelio import ModelError
     from .output import OutputError
     from .pool import WorkerStartError
@@ -72,7 +76,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .storage import StorageError
     from .weights import WeightsError
 
-    return (StorageError, OutputError, InputError, WeightsError, WorkerStartError, ModelError)
+    return (StorageError, OutputError, InputError, WeightsError, WorkerStartError, ModelError, ImageSetError, FitError)
 
 
 def run_job(job: Job, namespace: argparse.Namespace) -> Any:

@@ -105,18 +105,20 @@ def _in_worker(fn: Callable[..., T], args: tuple[Any, ...], secrets: storage.Sec
 
 
 def run_on_worker(fn: Callable[..., T], *args: Any, gpus: float,
-                  errors: tuple[type[BaseException], ...] = ()) -> T:
+                  errors: tuple[type[BaseException], ...] = (), fresh_process: bool = False) -> T:
     """``fn(*args)`` as one Ray task holding ``gpus`` GPUs (of one node), with the driver's storage credentials.
 
     Ray retries the task when its worker dies (``max_retries=2``), not when ``fn`` raises; an exception of one of
-    the ``errors`` types is re-raised here as itself (a one-line message), any other as Ray's error."""
+    the ``errors`` types is re-raised here as itself (a one-line message), any other as Ray's error.
+    ``fresh_process``: a worker process of its own (``max_calls=1``), for a function that configures TensorFlow's
+    devices before its runtime starts."""
     import ray
     from ray.exceptions import RayTaskError
 
     init_ray()
-    task: Any = ray.remote(_in_worker).options(
-        num_cpus=1, num_gpus=gpus, max_retries=2, retry_exceptions=False,
-        runtime_env={"env_vars": actor_env(gpus)})
+    remote: Any = ray.remote(max_calls=1)(_in_worker) if fresh_process else ray.remote(_in_worker)  # else Ray's default
+    task: Any = remote.options(num_cpus=1, num_gpus=gpus, max_retries=2, retry_exceptions=False,
+                               runtime_env={"env_vars": actor_env(gpus)})
     try:
         return ray.get(task.remote(fn, args, storage.SecretEnv.from_environ()))
     except RayTaskError as exc:

@@ -202,7 +202,7 @@ def read_model_info(uri: str) -> ModelInfo:
         raise ModelError(f"model {shown} has format {found!r}; this cnnbatch reads "
                          f"{', '.join(sorted(READABLE_FORMATS))}")
     info = ModelInfo.from_dict(manifest)
-    head_files = [n for n in info.files if n.endswith(LEGACY_HEAD_SUFFIXES)]
+    head_files = [n for n in info.files if n.endswith(LEGACY_HEAD_SUFFIXES) and n != BACKBONE_FILE]
     if head_files or HEAD_FILE not in info.files:
         raise ModelError(f"model {shown} has no {HEAD_FILE} head"
                          + (f" but a legacy HDF5 one ({head_files[0]}), which is refused" if head_files else ""))
@@ -211,7 +211,7 @@ def read_model_info(uri: str) -> ModelInfo:
 
 def _legacy_heads(fs: Any, path: str) -> list[str]:
     names = _list_names(fs, path) or []
-    return sorted(n for n in names if n.endswith(LEGACY_HEAD_SUFFIXES))
+    return sorted(n for n in names if n.endswith(LEGACY_HEAD_SUFFIXES) and n != BACKBONE_FILE)
 
 
 def read_verified(uri: str, info: ModelInfo, name: str) -> bytes:
