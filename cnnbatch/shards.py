@@ -1,36 +1,58 @@
-"""Stage 1: list an input into shards, and read each shard's records.
+"""Stage 1: list an input into shards, and read each shard's records (the readers are in :mod:`cnnbatch.readers`).
 
 Three input layouts (see CONTRACT.md): a folder tree of images (class sub-folders give labels, as Keras'
-``flow_from_directory``), WebDataset ``.tar`` files and Parquet files with a binary ``image`` column. Shard ids
+``flow_from_directory``), WebDataset ``.tar`` files and Parquet files with an ``image`` column. Shard ids
 are stable across reruns: folder shards are numbered chunks of the sorted key listing, file shards are named
 after their file. Listing streams; a folder shard holds only its own keys.
+
+Keys are unique in the dataset by construction. Folder keys are paths relative to the root. A tar or Parquet
+file's keys are ``<file path without extension>/<key within the file>``, and the listing refuses an input where
+one file's stem is a folder prefix of another's (``a.tar`` beside ``a/b.tar``: ``a/b/c`` could come from
+either), so two files can never give the same key; within a file the reader remembers its keys.
+
+What a folder listing takes: files with an image extension (hidden ``.`` names aside; ``_DSC0001.jpg`` and a
+``_cls3/`` folder are images like any other), and on a local disk also symlinks to folders, which are not
+followed but become ``_errors`` rows. Parquet files under a ``_`` or ``.`` name are skipped, as
+``pyarrow.dataset`` skips them (``_temporary/`` of a running Spark job, ``_metadata``, our own ``_errors/``).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
+import os
 import re
-import tarfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import fsspec
 
 from . import storage
+from .readers import (
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSIONS,
+    MAX_RECORD_BYTES,
+    InputError,
+    Record,
+    extension,
+    file_stem,
+    folder_label,
+    folder_records,
+    is_hidden,
+    local_target,
+    parquet_records,
+    tar_records,
+)
+
+__all__ = ["FOLDER_SHARD_DIGITS", "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "MAX_RECORD_BYTES", "InputError",
+           "Record", "Shard", "ShardKind", "extension", "file_shard_id", "folder_label", "iter_records",
+           "list_shards"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"})
-LABEL_EXTENSIONS = ("cls", "txt")
 ShardKind = Literal["folder", "tar", "parquet"]
 FOLDER_SHARD_DIGITS = 6
-
-
-class InputError(ValueError):
-    """An input that cannot be listed as shards (missing, empty, mixed layouts)."""
 
 
 @dataclass(frozen=True)
@@ -46,29 +68,6 @@ class Shard:
     @property
     def num_files(self) -> int:
         return len(self.paths)
-
-
-@dataclass
-class Record:
-    """One input image before decoding. ``load`` returns its bytes (lazily, so reads can run in threads)."""
-
-    key: str
-    label: str | None
-    load: Callable[[], bytes]
-    error: str | None = field(default=None)  # set when the record is already known to be unusable
-
-
-def _constant(data: bytes) -> Callable[[], bytes]:
-    """A record's ``load`` for bytes already in memory (a tar member, a Parquet cell)."""
-    return lambda: data
-
-
-def extension(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
-
-
-def _is_bookkeeping(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
 def _keys_digest(keys: tuple[str, ...]) -> str:
@@ -94,26 +93,19 @@ def list_shards(uri: str, shard_size: int = 1000) -> Iterator[Shard]:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
     fs, root = storage.ensure_reachable(uri, must_exist=True)
     root = root.rstrip("/")
-    root_url = storage.unstrip(fs, root)
     if fs.isfile(root):
-        kind = _file_kind(root)
-        if kind is None:
-            raise InputError(f"input {uri} is a file but not a .tar or .parquet shard")
-        parent = root.rsplit("/", 1)[0]
-        name = root.rsplit("/", 1)[-1]
-        info = fs.info(root)
-        yield Shard(file_shard_id(name), kind, storage.unstrip(fs, parent), (name,), storage.file_fingerprint(info))
+        yield _single_file_shard(fs, uri, root)
         return
 
+    root_url = storage.unstrip(fs, root)
+    local = storage.is_local(fs)
     layout: ShardKind | None = None
     chunk: list[str] = []
     index = 0
-    seen_ids: set[str] = set()
+    files = _FileNamespaces(uri)
     for path, info in storage.iter_sorted_entries(fs, root):
         rel = path[len(root) + 1:]
-        if _is_bookkeeping(rel):
-            continue
-        kind = _file_kind(rel) or ("folder" if extension(rel) in IMAGE_EXTENSIONS else None)
+        kind = _entry_kind(rel, path, info, local)
         if kind is None:
             continue
         if layout is None:
@@ -130,17 +122,73 @@ def list_shards(uri: str, shard_size: int = 1000) -> Iterator[Shard]:
                 index += 1
                 chunk = []
         else:
-            shard_id = file_shard_id(rel)
-            if shard_id in seen_ids:
-                raise InputError(f"two input files map to the same shard id {shard_id!r} (e.g. {rel})")
-            seen_ids.add(shard_id)
-            yield Shard(shard_id, kind, root_url, (rel,), storage.file_fingerprint(info))
+            yield Shard(files.add(rel), kind, root_url, (rel,), storage.file_fingerprint(info))
     if chunk:
         yield _folder_shard(index, root_url, chunk)
     elif layout is None:
         raise InputError(
             f"input {uri} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), .tar or .parquet files"
         )
+
+
+def _single_file_shard(fs: fsspec.AbstractFileSystem, uri: str, root: str) -> Shard:
+    """One named ``.tar``/``.parquet`` file. A local symlink the user named is followed: the shard is the file it
+    resolves to (its name gives the id and the keys)."""
+    if storage.is_local(fs) and os.path.islink(root):
+        root = os.path.realpath(root)
+    kind = _file_kind(root)
+    if kind is None:
+        raise InputError(f"input {uri} is a file but not a .tar or .parquet shard")
+    parent, _, name = root.rpartition("/")
+    signature = storage.file_fingerprint(fs.info(root))
+    return Shard(file_shard_id(name), kind, storage.unstrip(fs, parent), (name,), signature)
+
+
+def _entry_kind(rel: str, path: str, info: dict[str, Any], local: bool) -> ShardKind | None:
+    """What a listed entry is an input of, or ``None`` when it is not read (see the module docstring)."""
+    if is_hidden(rel):
+        return None
+    kind = _file_kind(rel)
+    if kind == "parquet" and any(part.startswith("_") for part in rel.split("/")):
+        return None
+    if kind is not None:
+        return kind
+    if extension(rel) in IMAGE_EXTENSIONS:
+        return "folder"
+    # A local symlink to a folder is listed as a file (it is not walked): an _errors row says it was not followed.
+    if local and info.get("type") != "file" and os.path.islink(path) and os.path.isdir(path):
+        return "folder"
+    return None
+
+
+class _FileNamespaces:
+    """Shard ids and key prefixes of an input's files: refuses two files with one id, and a file whose stem is a
+    folder prefix of another's (their keys would share a namespace). Sets bounded by the number of files."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.ids: set[str] = set()
+        self.stems: dict[str, str] = {}  # stem -> the file's path
+        self.folders: dict[str, str] = {}  # folder prefix of some stem -> that file's path
+
+    def add(self, rel: str) -> str:
+        shard_id = file_shard_id(rel)
+        if shard_id in self.ids:
+            raise InputError(f"two input files map to the same shard id {shard_id!r} (e.g. {rel})")
+        stem = file_stem(rel)
+        prefixes = [stem[:i] for i, char in enumerate(stem) if char == "/"]
+        clash = next((self.stems[p] for p in prefixes if p in self.stems), None) or self.folders.get(stem)
+        if clash is not None:
+            raise InputError(
+                f"input {self.uri}: {clash} and {rel} would give keys in one namespace (a file's keys are "
+                f"<its path without extension>/<key>, and {file_stem(min(clash, rel, key=len))}/ is both); "
+                "rename or move one of them"
+            )
+        self.ids.add(shard_id)
+        self.stems[stem] = rel
+        for prefix in prefixes:
+            self.folders.setdefault(prefix, rel)
+        return shard_id
 
 
 def _folder_shard(index: int, root_url: str, keys: list[str]) -> Shard:
@@ -157,94 +205,22 @@ def _describe(kind: ShardKind) -> str:
     return {"folder": "image files", "tar": ".tar shards", "parquet": ".parquet shards"}[kind]
 
 
-def folder_label(rel_key: str) -> str | None:
-    """Label as ``flow_from_directory`` gives it: the first folder under the root; none for root images."""
-    parts = rel_key.split("/")
-    return parts[0] if len(parts) > 1 else None
-
-
 # --- reading ---------------------------------------------------------------------------------------------------
 
 def iter_records(shard: Shard, fs: fsspec.AbstractFileSystem | None = None) -> Iterator[Record]:
-    """Yield a shard's records in a deterministic order."""
+    """Yield a shard's records in a deterministic order: one per input (image or ``_errors`` row)."""
     if fs is None:
         fs, _ = storage.filesystem(shard.root)
     root = storage.filesystem(shard.root)[1].rstrip("/")
     if shard.kind == "folder":
-        yield from _folder_records(fs, root, shard.paths)
-    elif shard.kind == "tar":
-        yield from _tar_records(fs, f"{root}/{shard.paths[0]}", shard.paths[0])
-    else:
-        yield from _parquet_records(fs, f"{root}/{shard.paths[0]}", shard.paths[0])
-
-
-def _folder_records(fs: fsspec.AbstractFileSystem, root: str, keys: tuple[str, ...]) -> Iterator[Record]:
-    for key in keys:
-        path = f"{root}/{key}"
-        yield Record(key, folder_label(key), functools.partial(storage.read_bytes, fs, path))
-
-
-def _tar_records(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator[Record]:
-    """Stream a WebDataset tar: members ``<key>.<ext>`` grouped by key, read in one sequential pass."""
-    prefix = rel.rsplit(".", 1)[0]
-    group_key: str | None = None
-    group: dict[str, bytes] = {}
-
-    def flush() -> Iterator[Record]:
-        if group_key is None:
+        yield from folder_records(fs, root, shard.paths)
+        return
+    rel = shard.paths[0]
+    path = f"{root}/{rel}"
+    if storage.is_local(fs):
+        target, problem = local_target(path, os.path.realpath(root), limit=None)
+        if problem:  # a link leaving the root, a FIFO...: the file is one _errors row, and is never opened
+            yield Record(file_stem(rel), None, lambda: b"", error=f"{rel}: {problem}")
             return
-        key = f"{prefix}/{group_key}"
-        image_exts = [ext for ext in group if ext in IMAGE_EXTENSIONS]
-        label = None
-        for ext in LABEL_EXTENSIONS:
-            if ext in group:
-                label = group[ext].decode("utf-8", "replace").strip() or None
-                break
-        if not image_exts:
-            yield Record(key, label, lambda: b"", error=f"no image member (found .{', .'.join(sorted(group))})")
-        else:
-            data = group[image_exts[0]]
-            yield Record(key, label, _constant(data))
-
-    with storage.with_retries(lambda: fs.open(path, "rb"), f"open {path}") as handle:
-        with tarfile.open(fileobj=handle, mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                directory, _, base = member.name.rpartition("/")
-                if base.startswith((".", "_")) or "." not in base:
-                    continue
-                stem, _, ext = base.partition(".")
-                key = f"{directory}/{stem}" if directory else stem
-                if key != group_key:
-                    yield from flush()
-                    group_key, group = key, {}
-                extracted = archive.extractfile(member)
-                group[ext.lower()] = extracted.read() if extracted else b""
-            yield from flush()
-
-
-def _parquet_records(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    prefix = rel.rsplit(".", 1)[0]
-    with storage.with_retries(lambda: fs.open(path, "rb"), f"open {path}") as handle:
-        parquet = pq.ParquetFile(handle)
-        names = parquet.schema_arrow.names
-        if "image" not in names:
-            raise InputError(f"{rel}: expected a binary 'image' column, found columns {names}")
-        columns = [c for c in ("image", "key", "label") if c in names]
-        row = 0
-        for batch in parquet.iter_batches(batch_size=256, columns=columns):
-            data = batch.to_pydict()
-            for i, image in enumerate(data["image"]):
-                key = data["key"][i] if "key" in data and data["key"][i] is not None else f"{prefix}/{row}"
-                label = data["label"][i] if "label" in data else None
-                label = None if label is None else str(label)
-                if image is None:
-                    yield Record(str(key), label, lambda: b"", error="image is null")
-                else:
-                    blob = bytes(image)
-                    yield Record(str(key), label, _constant(blob))
-                row += 1
-
+        path = target
+    yield from (tar_records if shard.kind == "tar" else parquet_records)(fs, path, rel)
