@@ -52,8 +52,8 @@ demo: install ## the whole pipeline on a generated sample, offline: extract -> t
 test: install lint validate-k8s ## lint, validate the Kubernetes manifests, then run the whole test suite
 	$(PY) -m pytest
 
-test-fast: install ## the unit tests: no Ray cluster, no model fits (under a minute)
-	$(PY) -m pytest -m "not integration" -q
+test-fast: install ## the unit tests (tests/test_<module>.py): no Ray, no CLI subprocesses (under a minute)
+	$(PY) -m pytest tests --ignore=tests/integration -q -p no:cacheprovider
 
 lint: install ## ruff (lint + import order) and mypy on cnnbatch/
 	$(VENV)/bin/ruff check cnnbatch jobs tests bench k8s
