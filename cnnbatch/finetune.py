@@ -233,13 +233,18 @@ def execute_finetune(plan: FinetunePlan) -> FinetuneSummary:
     log.info("training %d layers of %s from %s on, with the head; %d replica(s); %d normalisation channels "
              "floored", trained, info.backbone, first, strategy.num_replicas_in_sync, raised)
 
-    validation_data = stream.dataset(True, config.batch_size, None, plan.seed, False, preprocess)
+    predict = compiled_images_predict(model, preprocess, info.image_size)
+
+    def validate() -> dict[str, Any]:
+        """Cross-entropy and accuracy on the held-out images, plain, in one process (not distributed: a replica
+        count need not divide the validation set)."""
+        return evaluate_batches(predict, stream.batches(True, config.batch_size), info.labels)
+
     checkpoints = Checkpoints(config.output, plan.run_id)
     state = checkpoints.state()
     if state is None:  # epoch 0 is the starting model: the best until an epoch beats it
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Your input ran out of data")
-            start_loss, start_accuracy = (float(v) for v in model.evaluate(validation_data, verbose=0))
+        measured = validate()
+        start_loss, start_accuracy = float(measured["loss"]), float(measured["accuracy"])
         state = {"epoch": 0, "best_epoch": 0, "best_loss": start_loss, "bad_epochs": 0, "history": {},
                  "start": {"loss": start_loss, "accuracy": start_accuracy}}
         checkpoints.save(model, state, best=True)
@@ -248,15 +253,16 @@ def execute_finetune(plan: FinetunePlan) -> FinetuneSummary:
         log.info("resuming after epoch %d from %s", state["epoch"], storage.redact(checkpoints.root))
     resumed_from = state["epoch"]
     epochs = EpochState(checkpoints, state["start"]["loss"], config.patience, dict(state["history"]),
-                        state["best_epoch"], state["best_loss"], state["bad_epochs"], extra={"start": state["start"]})
+                        state["best_epoch"], state["best_loss"], state["bad_epochs"], extra={"start": state["start"]},
+                        validate=validate)
     if state["epoch"] < config.epochs and epochs.bad_epochs <= config.patience:
         train_data = stream.dataset(False, config.batch_size, plan.recipe, plan.seed, True, preprocess,
-                                    first_epoch=state["epoch"])
+                                    first_epoch=state["epoch"], multiple=strategy.num_replicas_in_sync)
         with warnings.catch_warnings():
             # The image streams' length is known only once read (undecodable images are left out): Keras says so.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            model.fit(train_data, validation_data=validation_data, epochs=config.epochs,
-                      initial_epoch=state["epoch"], shuffle=False, callbacks=[epochs.callback(model)], verbose=0)
+            model.fit(train_data, epochs=config.epochs, initial_epoch=state["epoch"], shuffle=False,
+                      callbacks=[epochs.callback(model)], verbose=0)
     if epochs.non_finite:
         raise FitError(f"{epochs.non_finite}: fine-tuning stopped and no model was written; lower --learning-rate "
                        f"(now {config.learning_rate:g}) or train fewer layers (--trainable-from a later block)")
@@ -270,6 +276,13 @@ def execute_finetune(plan: FinetunePlan) -> FinetuneSummary:
                        "the fit; no model was written (fit on one device with --gpus 1 or --cpu-replicas 1)")
     state["resumed_from_epoch"] = resumed_from
     return _finish(plan, split, stream, model, backbone, head, epochs, state, first, started, strategy)
+
+
+def compiled_images_predict(model: Any, preprocess: Any, size: int) -> Any:
+    """uint8 ``(N, S, S, 3)`` -> probabilities: preprocess and the model in inference mode, one compiled call."""
+    tf = tensorflow()
+    return tf.function(lambda x: model(preprocess(tf.cast(x, tf.float32)), training=False), autograph=False,
+                       input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
 
 
 def _optimizer(config: FinetuneConfig) -> Any:
@@ -295,11 +308,7 @@ def _already_written(plan: FinetunePlan) -> FinetuneSummary | None:
 def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: Any, backbone: Any, head: Any,
             epochs: EpochState, state: dict[str, Any], first: str, started: float, strategy: Any) -> FinetuneSummary:
     config, info, start = plan.config, plan.info, state["start"]
-    tf = tensorflow()
-    preprocess = get_backbone(info.backbone).preprocess_fn()
-    size = info.image_size
-    predict = tf.function(lambda x: model(preprocess(tf.cast(x, tf.float32)), training=False), autograph=False,
-                          input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
+    predict = compiled_images_predict(model, get_backbone(info.backbone).preprocess_fn(), info.image_size)
     evaluations = {name: evaluate_batches(predict, stream.batches(validation, config.batch_size), info.labels)
                    for name, validation in (("train", False), ("validation", True))}
     where = placement()

@@ -176,8 +176,9 @@ class EpochState:
 
     def __init__(self, checkpoints: Checkpoints, start_loss: float, patience: int, history: dict[str, list[float]],
                  best_epoch: int = 0, best_loss: float | None = None, bad_epochs: int = 0,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None, validate: Callable[[], dict[str, Any]] | None = None):
         self.checkpoints = checkpoints
+        self.validate = validate  # the held-out loss and accuracy after an epoch (else Keras' val_ logs)
         self.extra = dict(extra or {})  # recorded in every checkpoint's state (the starting model's figures)
         self.best_loss = start_loss if best_loss is None else best_loss
         self.best_epoch, self.patience, self.bad_epochs = best_epoch, patience, bad_epochs
@@ -203,6 +204,9 @@ class EpochState:
         return _Callback()
 
     def end_epoch(self, model: Any, epoch: int, logs: dict[str, Any]) -> None:
+        if self.validate is not None:
+            measured = self.validate()
+            logs = {**logs, "val_loss": measured["loss"], "val_accuracy": measured["accuracy"]}
         val_loss = float(logs.get("val_loss", math.inf))
         if not math.isfinite(val_loss) or not math.isfinite(float(logs.get("loss", 0.0))):
             self.non_finite = self.non_finite or f"the loss became non-finite in epoch {epoch}"

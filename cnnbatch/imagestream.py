@@ -102,10 +102,11 @@ class ImageStream:
     threads: int = 2
 
     def batches(self, validation: bool, batch_size: int, epoch: int | None = None, recipe: Recipe | None = None,
-                seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                seed: int = 0, multiple: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """One pass over the training images (``validation=False``) or the held-out ones. With ``epoch`` the
         shard order and the images are shuffled (seeded by seed and epoch) and, with ``recipe``, each training
-        image is one augmented view drawn afresh for that epoch (view index = epoch)."""
+        image is one augmented view drawn afresh for that epoch (view index = epoch). ``multiple``: the last,
+        short batch is cut to a multiple of it (the replicas of a data-parallel fit each need a share)."""
         rng = np.random.default_rng([seed, epoch]) if epoch is not None else None
         shards: list[Shard] = list(list_shards(self.input_uri, self.shard_size))
         if rng is not None:
@@ -137,10 +138,12 @@ class ImageStream:
             buffer.append((pixels, cls))
             if len(buffer) >= max(limit, batch_size):
                 yield from _drain(buffer, batch_size, rng, keep_partial=True)
+        if multiple > 1:
+            del buffer[len(buffer) - len(buffer) % batch_size % multiple:]
         yield from _drain(buffer, batch_size, rng, keep_partial=False)
 
     def dataset(self, validation: bool, batch_size: int, recipe: Recipe | None = None, seed: int = 0,
-                shuffle: bool = True, preprocess: Any = None, first_epoch: int = 0) -> Any:
+                shuffle: bool = True, preprocess: Any = None, first_epoch: int = 0, multiple: int = 1) -> Any:
         """A ``tf.data.Dataset`` of float32 preprocessed batches, one pass per epoch: with ``shuffle``, pass ``n``
         is epoch ``first_epoch + n`` (its own shuffle and views, so a resumed fit sees what it would have)."""
         tf = tensorflow()
@@ -149,7 +152,7 @@ class ImageStream:
 
         def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             epoch = next(epochs) if shuffle else None
-            yield from self.batches(validation, batch_size, epoch, recipe if shuffle else None, seed)
+            yield from self.batches(validation, batch_size, epoch, recipe if shuffle else None, seed, multiple)
 
         signature = (tf.TensorSpec((None, size, size, 3), tf.uint8), tf.TensorSpec((None,), tf.int32))
         dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
