@@ -9,13 +9,19 @@ small images (VGG16 accepts 32 px), so the whole suite runs on two cores.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from cnnbatch.shards import Shard
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
@@ -203,3 +209,57 @@ def write_small_model(uri: str, image_size: int = TEST_IMAGE_SIZE, seed: int = 3
                      preprocessing="keras.applications.vgg16.preprocess_input(caffe:BGR,mean-subtract)",
                      decode=DECODE_VERSION)
     return write_model_folder(uri, head, info, {"validation": {"accuracy": 0.5}}, {}), head
+
+
+# --- inputs as the tests write them: folders, tars (hostile ones too), shards read whole ---------------------
+
+def touch(root: Path, rel: str, data: bytes = b"x") -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+def tar_bytes(entries: list, fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    """A tar of ``(name, data)`` members and ready-made ``TarInfo`` entries (links, FIFOs, folders), in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        for entry in entries:
+            if isinstance(entry, tarfile.TarInfo):
+                archive.addfile(entry)
+            else:
+                info = tarfile.TarInfo(entry[0])
+                info.size = len(entry[1])
+                archive.addfile(info, io.BytesIO(entry[1]))
+    return buffer.getvalue()
+
+
+def read_all(shard: Shard) -> dict[str, tuple[str | None, bytes | str]]:
+    """key -> (label, bytes) for images, (label, error) for error records; keys must be unique."""
+    from cnnbatch.shards import iter_records
+
+    records = list(iter_records(shard))
+    keys = [r.key for r in records]
+    assert len(keys) == len(set(keys)), f"duplicate keys in one shard: {sorted(k for k in keys if keys.count(k) > 1)}"
+    return {r.key: (r.label, r.error if r.error is not None else r.load()) for r in records}
+
+
+def one_shard(root: Path | str, **kwargs) -> Shard:
+    from cnnbatch.shards import list_shards
+
+    shards = list(list_shards(str(root), **kwargs))
+    assert len(shards) == 1, f"expected one shard, got {[s.shard_id for s in shards]}"
+    return shards[0]
