@@ -278,8 +278,8 @@ class _TarReader:
     """Groups a tar's members into samples (WebDataset: adjacent members sharing a key) and accounts for each:
     a member is part of a sample (its image, its label, or a sidecar such as ``.json``) or an error row."""
 
-    def __init__(self, prefix: str, limit: int):
-        self.prefix, self.limit = prefix, limit
+    def __init__(self, prefix: str, limit: int, read: bool = True):
+        self.prefix, self.limit, self.read = prefix, limit, read  # read=False: count the rows, read no data
         self.keys: set[str] = set()  # every row key given out in this tar
         self.samples: set[str] = set()  # sample keys already finished
         self.current: _Sample | None = None
@@ -325,7 +325,7 @@ class _TarReader:
             elif member.size > self.limit:
                 sample.image, sample.error = name, too_large(f"member {name}", member.size, self.limit)
             else:
-                sample.image, sample.data = name, _extract(archive, member)
+                sample.image, sample.data = name, _extract(archive, member) if self.read else b""
         elif ext in LABEL_EXTENSIONS:
             if ext in sample.labels:
                 yield self.unused(name, ordinal, f"a second .{ext} label for key {row_key!r}")
@@ -334,7 +334,8 @@ class _TarReader:
                 sample.error = sample.error or (f"label {name} is {member.size} bytes, over the limit of "
                                                 f"{MAX_LABEL_BYTES} bytes per label")
             else:
-                sample.labels[ext] = _extract(archive, member).decode("utf-8", "replace").strip() or None
+                text = _extract(archive, member).decode("utf-8", "replace") if self.read else ""
+                sample.labels[ext] = text.strip() or None
         # any other extension is a sidecar of the sample (.json, captions...): part of it, not read
 
     def flush(self, ordinal: int) -> Iterator[Record]:
@@ -354,6 +355,16 @@ class _TarReader:
 def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     handle = archive.extractfile(member)
     return handle.read() if handle is not None else b""
+
+
+def count_tar_rows(archive: tarfile.TarFile) -> int:
+    """The rows (features and ``_errors``) :func:`tar_records` gives for a tar, from its headers alone: for a dry
+    run (``cnnbatch plan``), with the archive opened by the caller in any mode (``r:*`` seeks past the data)."""
+    reader = _TarReader("", MAX_RECORD_BYTES, read=False)
+    rows = ordinal = 0
+    for ordinal, member in enumerate(archive, start=1):
+        rows += sum(1 for _ in reader.member(ordinal, member, archive))
+    return rows + sum(1 for _ in reader.flush(ordinal + 1))
 
 
 def tar_records(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Iterator[Record]:
@@ -456,9 +467,10 @@ def _cells(column: Any, limit: int) -> Iterator[tuple[bytes | None, str | None]]
     valid = column.is_valid().to_pylist()
     paths: list[Any] = [None] * len(column)
     if pa.types.is_struct(column.type):
-        if column.type.get_field_index("path") >= 0:
-            paths = column.field("path").to_pylist()
-        column = column.field("bytes")
+        fields = dict(zip((f.name for f in column.type), column.flatten()))  # offsets and the struct's nulls applied
+        if "path" in fields:
+            paths = fields["path"].to_pylist()
+        column = fields["bytes"]
     lengths = pc.binary_length(column).to_pylist()
     for i, (ok, length) in enumerate(zip(valid, lengths)):
         if not ok or (length is None and paths[i] is None):

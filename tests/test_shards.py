@@ -5,13 +5,14 @@ page and gives the same shards as on disk. (Reading each shard's records: tests/
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch import storage
+from cnnbatch import readers, storage
 from cnnbatch.shards import (
     InputError,
     Record,
@@ -21,7 +22,7 @@ from cnnbatch.shards import (
     list_shards,
 )
 
-from .conftest import S3Server, one_shard, read_all, touch, write_tar
+from .conftest import S3Server, one_shard, read_all, special, tar_bytes, touch, write_tar
 
 # --- folders ---------------------------------------------------------------------------------------------------
 
@@ -152,6 +153,20 @@ def test_the_public_names_others_import() -> None:
     assert Record("k", None, lambda: b"x").error is None and shards.MAX_RECORD_BYTES == 64 * 1024 * 1024
 
 
+def test_a_dry_run_counts_the_rows_that_reading_gives(tmp_path: Path) -> None:
+    """``readers.count_tar_rows`` (for ``cnnbatch plan``) reads headers only and agrees with the reader, row for
+    row, on a tar full of duplicates, links, second images and samples without an image."""
+    entries = [("a.jpg", b"A"), ("a.cls", b"cat"), ("a.jpg", b"again"), ("b.jpg", b"B"), ("b.png", b"B2"),
+               ("c.jpg", b"C"), ("d.jpg", b"D"), ("c.png", b"C2"), special("e.jpg", tarfile.SYMTYPE, "a.jpg"),
+               special("f", tarfile.DIRTYPE), ("f/._x.jpg", b"hidden"), ("h.cls", b"dog"), ("README", b"t"),
+               ("i.jpg", b"I"), ("i.json", b"{}")]
+    (tmp_path / "t.tar").write_bytes(tar_bytes(entries))
+    rows = read_all(one_shard(tmp_path))
+    assert len(rows) == 11  # a, a.jpg, b, b.png, c, d, c.png, e.jpg, h, README, i
+    with tarfile.open(tmp_path / "t.tar", "r:*") as archive:
+        assert readers.count_tar_rows(archive) == len(rows)
+
+
 # --- on S3 (moto's server over real HTTP) ----------------------------------------------------------------------
 
 # Names whose byte order trips naive sorts: "." < "/" < "0" < "A" < "_" < "a" < "é", a folder beside a file of
@@ -212,3 +227,16 @@ def test_s3_listing_pages_stream_in_the_same_order_as_local(s3_env: S3Server, tm
     on_s3 = [(s.shard_id, s.paths) for s in list_shards(f"s3://{bucket}/imgs", shard_size=5)]
     on_disk = [(s.shard_id, s.paths) for s in list_shards(str(local), shard_size=5)]
     assert on_s3 == on_disk and len(on_s3) == 3
+
+
+def test_s3_folder_images_are_read_with_one_bounded_ranged_get(s3_env: S3Server,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 100)
+    bucket = s3_env.new_bucket()
+    fs = s3fs_for(s3_env)
+    fs.pipe_file(f"{bucket}/imgs/ok.jpg", b"o" * 100)
+    fs.pipe_file(f"{bucket}/imgs/big.jpg", b"b" * 5000)
+    records = {r.key: r for r in iter_records(one_shard(f"s3://{bucket}/imgs"))}
+    assert records["ok.jpg"].load() == b"o" * 100
+    with pytest.raises(readers.ImageTooLarge, match="file is 5000 bytes, over the limit of 100 bytes per image"):
+        records["big.jpg"].load()
