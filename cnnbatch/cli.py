@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from .decode import DecodeError
     from .finetunefit import FitError
     from .imagestream import ImageSetError
     from .modelio import ModelError
@@ -76,7 +77,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .storage import StorageError
     from .weights import WeightsError
 
-    return (StorageError, OutputError, InputError, WeightsError, WorkerStartError, ModelError, ImageSetError, FitError)
+    return (StorageError, OutputError, InputError, WeightsError, WorkerStartError, ModelError, ImageSetError, FitError,
+            DecodeError)
 
 
 def run_job(job: Job, namespace: argparse.Namespace) -> Any:

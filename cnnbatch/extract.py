@@ -22,7 +22,7 @@ from .pipeline import JobSummary, ShardedJob, fingerprint_of, run_sharded_job
 from .pool import PoolOptions
 from .precision import PRECISIONS
 from .versions import library_versions
-from .weights import DEFAULT_RANDOM_SEED, WeightsRef, resolve_weights
+from .weights import DEFAULT_RANDOM_SEED, WeightsRef, check_weights_arg, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class ExtractConfig(RecipeOptions):
 
     def __post_init__(self) -> None:
         get_backbone(self.backbone)
+        check_weights_arg(self.weights)
         require(self.augment_views >= 0, f"--augment-views must be 0 or more, got {self.augment_views}")
         self.check_recipe()
         require(self.batch_size is None or self.batch_size >= 1,

@@ -23,6 +23,15 @@ LOCK_STALE_SECONDS = 300
 LOCK_HEARTBEAT_SECONDS = 30
 
 
+def heartbeat_of(holder: dict[str, Any]) -> float | None:
+    """The Unix time of a lock's last heartbeat, or None when the lock file does not say (garbage, foreign)."""
+    try:
+        value = float(holder["heartbeat"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
 class LockHeld(RuntimeError):
     """The lock belongs to a run that is alive; the message says whose and what to do."""
 
@@ -95,7 +104,7 @@ class OutputLock:
                 self._remove_if_unchanged(holder)
                 continue
             if time.monotonic() >= deadline:
-                age = time.time() - float(holder.get("heartbeat", 0))
+                age = time.time() - (heartbeat_of(holder) or time.time())
                 raise LockHeld(
                     f"output {storage.redact(uri)} is being written by another run ({holder.get('owner', '?')}, "
                     f"heartbeat {age:.0f}s ago); wait for it to finish or use another --output (a lock whose run "
@@ -105,7 +114,10 @@ class OutputLock:
 
     def stale_reason(self, holder: dict[str, Any]) -> str | None:
         """Why ``holder``'s lock may be taken over, or None while its run may be alive."""
-        age = time.time() - float(holder.get("heartbeat", 0) or 0)
+        heartbeat = heartbeat_of(holder)
+        if heartbeat is None:
+            return "the lock file is unreadable (no owner or heartbeat in it)"
+        age = time.time() - heartbeat
         if age > LOCK_STALE_SECONDS:
             return f"last heartbeat {age:.0f}s ago"
         pid = holder.get("pid")

@@ -76,8 +76,9 @@ class OutputDataset:
         except FileNotFoundError:
             return None
 
-    def prepare(self, fingerprint: str, config: dict[str, Any], overwrite: bool) -> None:
-        """Check that this output may receive this configuration, then record it.
+    def prepare(self, fingerprint: str, config: dict[str, Any], overwrite: bool) -> bool:
+        """Check that this output may receive this configuration, then record it; returns whether this call wrote
+        the configuration stamp (a new output), so that a run that then writes no shard can take it back.
 
         Refuses an output started with another configuration (never mixes two) or holding part files that
         cnnbatch did not write; ``overwrite`` clears cnnbatch's own files first.
@@ -105,6 +106,12 @@ class OutputDataset:
         removed = self.remove_temp_files()
         if removed:
             log.info("removed %d temporary files left by an interrupted run", removed)
+        return existing is None
+
+    def remove_config(self) -> None:
+        """Take the configuration stamp back (a run that wrote no shard leaves none)."""
+        if self.fs.exists(self._p(CONFIG_FILE)):
+            self.fs.rm_file(self._p(CONFIG_FILE))
 
     def remove_temp_files(self) -> int:
         """Delete ``.<name>.<hex>.tmp`` leftovers of a run killed mid-write (only rename filesystems make them;
@@ -249,6 +256,9 @@ class OutputDataset:
             lock.acquire(self.uri, wait_seconds)
         except LockHeld as exc:
             raise OutputError(str(exc)) from None
+        except (OSError, ValueError) as exc:  # a file where the folder should be, no permission, a read-only store
+            raise OutputError(f"cannot write to --output {storage.redact(self.uri)}: {storage.describe_error(exc)}; "
+                              "give a folder this run may create and write") from None
         return lock
 
 

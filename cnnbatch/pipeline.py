@@ -131,11 +131,16 @@ def run_sharded_job(job: ShardedJob, lock_wait_seconds: float = 0.0) -> JobSumma
     started = time.perf_counter()
     summary = JobSummary(output=output.uri)
     lock = output.acquire_lock(lock_wait_seconds)
+    stamped = False
     try:
-        output.prepare(fingerprint, config, overwrite)
+        # The input's first shard before anything is written: an empty input leaves no configuration stamp.
+        listing = list_shards(input_uri, shard_size)
+        first_shard = next(listing, None)
+        stamped = output.prepare(fingerprint, config, overwrite)
         done: dict[str, ShardStats] = {}
         seen: dict[str, str] = {}
-        todo = pending_shards(list_shards(input_uri, shard_size), output, fingerprint, summary, done, seen)
+        shards = itertools.chain([first_shard], listing) if first_shard is not None else iter(())
+        todo = pending_shards(shards, output, fingerprint, summary, done, seen)
         first = next(todo, None)
         if first is not None:
             output.remove_success()  # stale until this run finishes
@@ -157,6 +162,10 @@ def run_sharded_job(job: ShardedJob, lock_wait_seconds: float = 0.0) -> JobSumma
         summary.seconds = time.perf_counter() - started
         _finish(output, fingerprint, config, summary, done)
         return summary
+    except BaseException:
+        if stamped and not output.list_parts():  # this run made the output and wrote no shard: leave no stamp
+            output.remove_config()
+        raise
     finally:
         lock.release()
 

@@ -90,6 +90,11 @@ class PredictConfig(RecipeOptions):
             require(not self.json, "--json is for one-image prediction; bulk results go to --output as Parquet")
         else:
             require(self.image is None or self.image_url is None, "give --image or --image-url, not both")
+            if self.image is not None and urlsplit(self.image).scheme.lower() not in SCHEMES:
+                try:  # a refused protocol (ftp://, a chained simplecache::http://...) is a bad argument
+                    storage.check_uri(self.image)
+                except storage.StorageError as exc:
+                    raise ValueError(str(exc)) from None
             if self.image_url is not None:
                 scheme = urlsplit(self.image_url).scheme.lower()
                 require(scheme in SCHEMES, f"--image-url takes an http or https URL, got {scheme or 'no'} scheme "

@@ -106,6 +106,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CNNBATCH_CACHE", Path.home() / ".cache" / "cnnbatch"))
 
 
+def check_weights_arg(spec: str) -> str:
+    """The ``--weights`` value's form, checked where the flags are parsed (a bad value is a bad argument, exit
+    2): imagenet, random, or a storage URI of a file with a weights suffix. Whether it can be read is decided
+    later (:func:`resolve_weights`)."""
+    if spec in ("imagenet", "random"):
+        return spec
+    if not spec.endswith(WEIGHT_SUFFIXES):
+        raise ValueError(f"--weights must be imagenet, random, or a notop weights file "
+                         f"({', '.join(WEIGHT_SUFFIXES)}); got {_shown(spec)}")
+    try:
+        storage.check_uri(spec)
+    except storage.StorageError as exc:
+        raise ValueError(f"--weights: {exc}") from None
+    return spec
+
+
 def resolve_weights(spec: str, backbone: Backbone, seed: int = DEFAULT_RANDOM_SEED) -> WeightsRef:
     """Turn the ``--weights`` argument into a :class:`WeightsRef`, failing fast with a clear message."""
     if spec == "random":

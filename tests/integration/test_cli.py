@@ -50,7 +50,8 @@ def test_missing_input(tmp_path: Path) -> None:
 def test_unusable_weights(tmp_path: Path, sample_root: Path) -> None:
     images = str(sample_root / "train")
     result = run_cli("extract", "--input", images, "--output", str(tmp_path / "o"), "--weights", "weights.bin")
-    assert_one_line_error(result, 1, "--weights must be imagenet, random, or a notop weights file", "weights.bin")
+    # a malformed value is a bad argument (exit 2); a well-formed one that cannot be read is a failure (exit 1)
+    assert_one_line_error(result, 2, "--weights must be imagenet, random, or a notop weights file", "weights.bin")
     result = run_cli("extract", "--input", images, "--output", str(tmp_path / "o"),
                      "--weights", str(tmp_path / "missing.weights.h5"))
     assert_one_line_error(result, 1, "weights file", "does not exist")
