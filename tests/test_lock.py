@@ -66,7 +66,7 @@ def test_a_live_holder_is_refused_naming_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("what, fields, reason", [
     ("stale heartbeat", {"heartbeat": time.time() - LOCK_STALE_SECONDS - 60}, "last heartbeat"),
-    ("unreadable lock", None, "last heartbeat"),
+    ("unreadable lock", None, "the lock file is unreadable"),
 ])
 def test_a_stale_or_unreadable_lock_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFixture, what: str,
                                                   fields: dict | None, reason: str) -> None:
