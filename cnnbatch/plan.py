@@ -18,6 +18,7 @@ from . import storage
 from .backbones import BACKBONES, get_backbone
 from .config import log_config, option, require
 from .precision import PRECISIONS
+from .readers import count_tar_rows
 from .shards import Shard, list_shards
 
 log = logging.getLogger(__name__)
@@ -102,18 +103,10 @@ def count_images(shard: Shard) -> int:
 
 
 def count_tar_records(handle: Any) -> int:
-    """Records of a WebDataset tar as ``shards`` reads them (members grouped by key); seeks past the data."""
-    keys = 0
-    last: str | None = None
+    """Rows (features and ``_errors``) a WebDataset tar gives, as the reader counts them, from its headers alone
+    (``r:*`` seeks past the data)."""
     with tarfile.open(fileobj=handle, mode="r:*") as archive:
-        for member in archive:
-            directory, _, base = member.name.rpartition("/")
-            if not member.isfile() or base.startswith((".", "_")) or "." not in base:
-                continue
-            key = f"{directory}/{base.partition('.')[0]}"
-            if key != last:
-                keys, last = keys + 1, key
-    return keys
+        return count_tar_rows(archive)
 
 
 @dataclass
