@@ -15,7 +15,7 @@ OUTPUT ?= $(DATA)/features
 BACKBONE ?= vgg16
 WEIGHTS ?= imagenet
 IMAGE_SIZE ?=
-WORKERS ?= 1
+WORKERS ?=
 EXTRA ?=
 MODEL ?= $(DATA)/model
 FEATURES ?= $(DATA)/features
@@ -64,11 +64,11 @@ validate-k8s: install ## validate the manifests in k8s/ offline (core kinds stri
 
 extract: install ## extract features: make extract INPUT=... OUTPUT=... BACKBONE=vgg16 WEIGHTS=imagenet
 	$(CNNBATCH) extract --input $(INPUT) --output $(OUTPUT) --backbone $(BACKBONE) --weights $(WEIGHTS) \
-		--workers $(WORKERS) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(EXTRA)
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(EXTRA)
 
 predict: install ## bulk-predict: make predict INPUT=... MODEL=... OUTPUT=... [TOP_K=3]; one image: IMAGE=x.jpg
 	$(CNNBATCH) predict --model $(MODEL) --top-k $(TOP_K) \
-		$(if $(IMAGE),--image $(IMAGE),--input $(PREDICT_INPUT) --output $(PREDICT_OUTPUT) --workers $(WORKERS)) $(EXTRA)
+		$(if $(IMAGE),--image $(IMAGE),--input $(PREDICT_INPUT) --output $(PREDICT_OUTPUT) $(if $(WORKERS),--workers $(WORKERS))) $(EXTRA)
 
 train: install ## train a classifier head: make train FEATURES=data/features MODEL=data/model [EXTRA="--head linear"]
 	$(CNNBATCH) train --features $(FEATURES) --output $(MODEL) $(EXTRA)

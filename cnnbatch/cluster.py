@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import storage
@@ -21,6 +22,48 @@ T = TypeVar("T")
 # A private local cluster lives only for one job and nobody watches it: no dashboard, no metrics, no idle workers
 # started ahead (Ray's default: one per CPU); docs/benchmarks.md has what they cost.
 PRIVATE_CLUSTER_CONFIG = {"prestart_worker_first_driver": False, "enable_metrics_collection": False}
+
+
+# Actors per GPU when --workers and --gpus-per-worker are left out: one process's decode threads cannot feed a
+# fast GPU (docs/benchmarks.md, "GPU": 4-8 processes per GPU paid on the H100).
+ACTORS_PER_GPU = 4
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many actors a sharded job runs and what each reserves."""
+
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+
+
+def fill_cluster(nodes: list[tuple[float, float]], gpus_per_worker: float | None) -> Placement:
+    """The actors that fill what the cluster offers now, from each alive node's ``(CPUs, GPUs)``: with GPUs,
+    ``ACTORS_PER_GPU`` per GPU (or as many as ``gpus_per_worker`` allows), each reserving its share of its
+    node's CPUs up to one; without, one actor per node holding the CPUs of the smallest node (TensorFlow uses
+    every core of its process, so two actors on one node would only contend). Always at least one actor: on
+    an autoscaling cluster it is pending until a node joins."""
+    gpu_nodes = [(cpus, gpus) for cpus, gpus in nodes if gpus > 0]
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 / ACTORS_PER_GPU if gpu_nodes else 0.0
+    if gpus_per_worker > 0:
+        per_node = [(cpus, int(gpus / gpus_per_worker + 1e-9)) for cpus, gpus in gpu_nodes]
+        per_node = [(cpus, actors) for cpus, actors in per_node if actors > 0]
+        cpus_each = min([1.0] + [cpus / actors for cpus, actors in per_node])
+        return Placement(max(1, sum(actors for _, actors in per_node)), gpus_per_worker, round(cpus_each, 4))
+    cpu_nodes = [cpus for cpus, _ in nodes if cpus >= 1]
+    cpus_each = float(int(min(cpu_nodes))) if cpu_nodes else 1.0
+    return Placement(max(1, len(cpu_nodes)), 0.0, cpus_each)
+
+
+def node_resources() -> list[tuple[float, float]]:
+    """``(CPUs, GPUs)`` of each alive node of the cluster (joined or started by :func:`init_ray`)."""
+    import ray
+
+    init_ray()
+    return [(float(node.get("Resources", {}).get("CPU", 0.0)), float(node.get("Resources", {}).get("GPU", 0.0)))
+            for node in ray.nodes() if node.get("Alive", True)]
 
 
 class ClusterError(ValueError):
@@ -56,10 +99,7 @@ def actor_env(gpus: float) -> dict[str, str]:
 
 def node_gpus() -> list[float]:
     """GPUs of each alive node of the cluster (joined or started by :func:`init_ray`)."""
-    import ray
-
-    init_ray()
-    return [float(node.get("Resources", {}).get("GPU", 0.0)) for node in ray.nodes() if node.get("Alive", True)]
+    return [gpus for _, gpus in node_resources()]
 
 
 def default_gpus(requested: float | None) -> float:

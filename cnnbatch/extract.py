@@ -13,13 +13,13 @@ from . import storage
 from .augment import RECIPE_FLAGS, Recipe, RecipeOptions, with_views
 from .backbones import BACKBONES, get_backbone
 from .batching import auto_batch_size
-from .cluster import default_gpus, resolve_precision_for_workers
+from .cluster import resolve_precision_for_workers
 from .config import log_config, option, require, to_dict
 from .decode import DECODE_VERSION
 from .embed import Embedder, ModelSpec
 from .parquetio import with_metadata
 from .pipeline import JobSummary, ShardedJob, fingerprint_of, run_sharded_job
-from .pool import PoolOptions
+from .pool import pool_options
 from .precision import PRECISIONS
 from .versions import library_versions
 from .weights import DEFAULT_RANDOM_SEED, WeightsRef, check_weights_arg, resolve_weights
@@ -39,9 +39,11 @@ class ExtractConfig(RecipeOptions):
                                     "two up to 256 whose activations fit half the actor's share of its memory)",
                                     None, metavar="N")
     shard_size: int = option("images per shard for a folder input", 1000, metavar="N")
-    workers: int = option("Ray actors, each holding one model", 1, metavar="N")
+    workers: int | None = option("Ray actors, each holding one model (default: fill the cluster: 4 per GPU, "
+                                 "else one per node with its CPUs; more join as nodes do)", None, metavar="N")
     gpus_per_worker: float | None = option(
-        "GPUs per actor (default: 1 when the cluster has GPUs, else 0)", None, metavar="F")
+        "GPUs per actor (default: 1 with --workers, else 0.25 when the cluster has GPUs; 0 without)", None,
+        metavar="F")
     precision: str = option("compute precision; auto: bfloat16 on CPUs with AVX512-BF16/AMX, float16 on GPUs with "
                             "tensor cores, else float32 (features within cosine 0.999 of float32)", "auto",
                             choices=PRECISIONS)
@@ -58,7 +60,7 @@ class ExtractConfig(RecipeOptions):
         require(self.batch_size is None or self.batch_size >= 1,
                 f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
-        require(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
+        require(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
                 f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
         if self.image_size is not None:
@@ -176,7 +178,8 @@ def prepare_extract(config: ExtractConfig) -> ShardedJob:
     size = backbone.check_size(config.image_size)
     storage.ensure_reachable(config.input, must_exist=True)
     weights: WeightsRef = resolve_weights(config.weights, backbone, seed=config.seed)
-    gpus = default_gpus(config.gpus_per_worker)
+    pool = pool_options(config.workers, config.gpus_per_worker)
+    gpus = pool.gpus_per_worker
     model = ModelSpec(backbone.name, size, weights, resolve_precision_for_workers(config.precision, gpus))
     recipe = config.recipe() if config.augment_views else None
     augment = augment_metadata(config.augment_views, recipe, config.seed) if recipe else None
@@ -191,7 +194,7 @@ def prepare_extract(config: ExtractConfig) -> ShardedJob:
                        config.seed)
     return ShardedJob(input_uri=config.input, shard_size=config.shard_size, output_uri=config.output,
                       task=task, fingerprint=extraction_fingerprint(model, augment), config=recorded,
-                      pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite)
+                      pool=pool, overwrite=config.overwrite)
 
 
 def run_extract(config: ExtractConfig) -> JobSummary:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
-from .cluster import init_ray
+from .cluster import fill_cluster, init_ray, node_resources
 from .lock import OutputLock
 from .output import OutputDataset, OutputError
 from .pool import PoolOptions, WorkerPool
@@ -242,6 +242,8 @@ def _run_pool(shards: Iterator[Shard], task: ShardTask, output: OutputDataset, f
                 if not stats.failed:
                     deaths_in_a_row = 0
                 _record(stats, summary, done, progress)
+            if options.grow:
+                grow(pool, actor_pool, options)
             feed(actor_pool)
         if lock.lost or deaths_in_a_row > max_deaths:
             # Stopped early: what was running finished whole; nothing more was handed out.
@@ -252,6 +254,21 @@ def _run_pool(shards: Iterator[Shard], task: ShardTask, output: OutputDataset, f
     finally:
         progress.close()
         pool.kill()
+
+
+def grow(pool: WorkerPool, actor_pool: Any, options: PoolOptions) -> int:
+    """Add actors while the cluster offers more than the pool holds (nodes that joined: an autoscaling GPU group
+    scaled up); returns how many were added. Only for pools sized to the cluster (``--workers`` left out)."""
+    target = fill_cluster(node_resources(), options.gpus_per_worker)
+    if target.cpus_per_worker < options.cpus_per_worker:  # the new nodes take smaller actors: not these
+        return 0
+    added = 0
+    while len(pool.actors) < target.workers:
+        actor_pool.push(pool.add())
+        added += 1
+    if added:
+        log.info("the cluster grew: %d more workers (%d in all)", added, len(pool.actors))
+    return added
 
 
 def _record(stats: ShardStats, summary: JobSummary, done: dict[str, ShardStats], progress: Progress) -> None:

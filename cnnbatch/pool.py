@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import storage
-from .cluster import actor_env
+from .cluster import actor_env, default_gpus, fill_cluster, node_resources
 from .logs import setup_logging
 from .output import OutputDataset
 from .shards import Shard
@@ -43,6 +43,18 @@ class PoolOptions:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    grow: bool = False  # sized to the cluster (--workers left out): add actors when nodes join
+
+
+def pool_options(workers: int | None, gpus_per_worker: float | None) -> PoolOptions:
+    """The pool a sharded job asks for: ``--workers`` actors with ``--gpus-per-worker`` GPUs each (one GPU when
+    the cluster has any), or, with ``--workers`` left out, what fills the cluster (cluster.fill_cluster)."""
+    if workers is not None:
+        return PoolOptions(workers=workers, gpus_per_worker=default_gpus(gpus_per_worker))
+    placement = fill_cluster(node_resources(), gpus_per_worker)
+    log.info("workers: %d (%s GPU and %s CPU each), to fill the cluster; --workers sets another number",
+             placement.workers, f"{placement.gpus_per_worker:g}", f"{placement.cpus_per_worker:g}")
+    return PoolOptions(placement.workers, placement.gpus_per_worker, placement.cpus_per_worker, grow=True)
 
 
 def decode_cpus(options: PoolOptions, node_cpus: float, node_gpus: float) -> float:
@@ -105,6 +117,11 @@ class WorkerPool:
 
     def new_actor(self) -> Any:
         return self._cls.remote(*self._args)
+
+    def add(self) -> Any:
+        """One more actor (the cluster grew)."""
+        self.actors.append(self.new_actor())
+        return self.actors[-1]
 
     def replace(self, actor_id: str) -> Any:
         """Swap the actor with this id for a fresh one (killing the old one, should it merely be unreachable,

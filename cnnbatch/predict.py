@@ -21,13 +21,13 @@ from urllib.parse import urlsplit
 
 from . import storage
 from .augment import CLASSIC, RECIPE_FLAGS, Recipe, RecipeOptions, with_views
-from .cluster import default_gpus, resolve_precision_for_workers
+from .cluster import resolve_precision_for_workers
 from .config import log_config, option, require, to_dict
 from .decode import DECODE_VERSION, DecodeError, decode_image
 from .fetch import SCHEMES, FetchPolicy, fetch_url
 from .modelio import MANIFEST_FILE, ModelError, ModelInfo, backbone_weights, load_model_folder
 from .pipeline import JobSummary, ShardedJob, run_sharded_job
-from .pool import PoolOptions
+from .pool import pool_options
 from .precision import PRECISIONS
 from .predictor import Predictor, top_k
 from .predicttask import (
@@ -66,9 +66,11 @@ class PredictConfig(RecipeOptions):
                                     "of two up to 256 whose activations fit half the actor's share of its memory)",
                                     None, metavar="N")
     shard_size: int = option("bulk: images per shard for a folder input", 1000, metavar="N")
-    workers: int = option("bulk: Ray actors, each holding one model", 1, metavar="N")
+    workers: int | None = option("bulk: Ray actors, each holding one model (default: fill the cluster: 4 per "
+                                 "GPU, else one per node with its CPUs; more join as nodes do)", None, metavar="N")
     gpus_per_worker: float | None = option(
-        "bulk: GPUs per actor (default: 1 when the cluster has GPUs, else 0)", None, metavar="F")
+        "bulk: GPUs per actor (default: 1 with --workers, else 0.25 when the cluster has GPUs; 0 without)", None,
+        metavar="F")
     precision: str | None = option(
         "compute precision (default: the one the model's training features were extracted with)", None,
         choices=PRECISIONS)
@@ -103,7 +105,7 @@ class PredictConfig(RecipeOptions):
         require(self.batch_size is None or self.batch_size >= 1,
                 f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
-        require(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
+        require(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
         require(self.gpus_per_worker is None or self.gpus_per_worker >= 0,
                 f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
 
@@ -149,7 +151,8 @@ def prepare_predict(config: PredictConfig) -> ShardedJob:
     log_config(config)
     storage.ensure_reachable(config.input, must_exist=True)
     info, _, digest = open_model(config.model, config.top_k)
-    gpus = default_gpus(config.gpus_per_worker)
+    pool = pool_options(config.workers, config.gpus_per_worker)
+    gpus = pool.gpus_per_worker
     precision = resolve_precision_for_workers(config.precision or info.precision, gpus)
     recipe, seed = tta_recipe(config, info)
     tta = tta_metadata(config.tta, recipe, seed) if config.tta else None
@@ -161,7 +164,7 @@ def prepare_predict(config: PredictConfig) -> ShardedJob:
         recorded = {k: v for k, v in recorded.items() if k not in RECIPE_FLAGS and k != "tta"}
     return ShardedJob(input_uri=config.input, shard_size=config.shard_size, output_uri=config.output, task=task,
                       fingerprint=prediction_fingerprint(digest, config.top_k, precision, tta), config=recorded,
-                      pool=PoolOptions(workers=config.workers, gpus_per_worker=gpus), overwrite=config.overwrite)
+                      pool=pool, overwrite=config.overwrite)
 
 
 def tta_recipe(config: PredictConfig, info: ModelInfo) -> tuple[Recipe, int]:

@@ -78,3 +78,25 @@ def test_one_node_gpus_takes_the_largest_node_or_refuses_more(monkeypatch: pytes
 def test_unknown_precisions_are_refused_before_any_probe() -> None:
     with pytest.raises(ValueError, match="--precision must be one of auto, float32, bfloat16, float16, got 'int8'"):
         resolve_precision_for_workers("int8", gpus_per_worker=0)
+
+
+# --- filling the cluster (--workers left out) ------------------------------------------------------------------
+
+def test_fill_cluster_puts_actors_on_gpus_sharing_each_nodes_cpus() -> None:
+    from cnnbatch.cluster import ACTORS_PER_GPU, Placement, fill_cluster
+
+    # a CPU-only head (0 CPUs for work) and two GPU nodes: 8 CPUs + 2 GPUs, 16 CPUs + 4 GPUs
+    nodes = [(0.0, 0.0), (8.0, 2.0), (16.0, 4.0)]
+    placement = fill_cluster(nodes, None)
+    assert placement == Placement(6 * ACTORS_PER_GPU, 1 / ACTORS_PER_GPU, 1.0)
+    assert fill_cluster(nodes, 1.0) == Placement(6, 1.0, 1.0)
+    assert fill_cluster([(2.0, 1.0)], None) == Placement(ACTORS_PER_GPU, 0.25, 0.5)  # the CPUs shared out
+    assert fill_cluster([(4.0, 0.0)], 1.0) == Placement(1, 1.0, 1.0)  # no GPU yet: one, pending until one joins
+
+
+def test_fill_cluster_without_gpus_is_one_actor_per_node() -> None:
+    from cnnbatch.cluster import Placement, fill_cluster
+
+    assert fill_cluster([(2.0, 0.0)], None) == Placement(1, 0.0, 2.0)
+    assert fill_cluster([(0.0, 0.0), (16.0, 0.0), (8.0, 0.0)], None) == Placement(2, 0.0, 8.0)
+    assert fill_cluster([(0.5, 0.0)], 0.0) == Placement(1, 0.0, 1.0)
