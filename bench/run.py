@@ -1,6 +1,6 @@
 """``make bench``: every CPU figure of docs/benchmarks.md, measured side by side in one run, then the report.
 
-Order of work: generate the JPEGs (cached), P3 decode in this process, then the measured programs, each in a
+Order of work: generate the JPEGs (cached), P3 and D1 decoding in this process, then the measured programs, each in a
 fresh process whose tree is sampled (bench.monitor): the bare backbone, cnnbatch extraction at N and 10N images
 (bfloat16) and at N and 4N (float32), and the plain Keras script at N and 4N. Repeats are interleaved and the best
 of each is kept, so that a busy neighbour disturbs every side alike. Steady-state images/s come from the
@@ -48,11 +48,13 @@ class BenchConfig:
     default_size_bare_seconds: float = 30.0
     big_images: int = 24  # 3 MP JPEGs for P3 (and a third as many 12 MP ones)
     decode_sizes: tuple[int, ...] = (160, 224)  # the first is P3's headline: the size every other figure uses
+    d1_images: int = 300  # D1: the ImageNet-sized JPEGs decoded per round, by cnnbatch, Keras' recipe and bare libjpeg
+    d1_rounds: int = 5
 
 
 QUICK = BenchConfig(image_size=32, default_size=48, batch_size=8, shard_size=8, n=8, memory_scale=3, p2_images=16,
                     repeats=1, bare_seconds=1.0, p1_bare_seconds=1.0, default_size_bare_seconds=1.0, big_images=3,
-                    decode_sizes=(32,))
+                    decode_sizes=(32,), d1_images=8, d1_rounds=1)
 PHONE_SIZE = (4032, 3024)  # 12 MP: a phone camera's photo
 
 
@@ -135,6 +137,8 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
     results["p3"].append(decoding.draft_speedup(phone, c.decode_sizes[-1], repeats=5))
     results["decode_one_thread"] = decoding.single_thread_rate(source, c.image_size)
     log.info("P3 %s", [round(r["ratio"], 2) for r in results["p3"]])
+    results["d1"] = decoding.d1(source, (c.default_size, c.image_size), c.d1_images, c.d1_rounds)
+    log.info("D1 %s", [round(r["vs_keras"], 2) for r in results["d1"]])
 
     bench = Bench(c, work)
     for _ in range(c.repeats):  # interleaved: each repeat measures every side once
