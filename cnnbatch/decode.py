@@ -44,6 +44,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import threading
 import warnings
 from collections.abc import Callable
@@ -357,8 +358,8 @@ def _open_unchecked(data: bytes) -> Image.Image | None:
             continue
         try:
             return factory(io.BytesIO(data), "")
-        except (SyntaxError, IndexError, TypeError, ValueError) as exc:  # what Image.open skips a plugin on
-            del exc
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open skips a plugin on
+            continue
     return None
 
 
