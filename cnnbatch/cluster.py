@@ -82,8 +82,29 @@ def init_ray() -> None:
     if address != "local":
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, configure_logging=False)
         return
+    from . import reaper
+
+    token = reaper.mark_environment() if reaper.supported() else ""  # inherited by every process Ray starts
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, configure_logging=False,
              include_dashboard=False, _system_config=PRIVATE_CLUSTER_CONFIG)
+    _watch_private_cluster(token)
+
+
+def _watch_private_cluster(token: str) -> None:
+    """The private cluster dies with this driver, even a killed one (reaper.py)."""
+    import ray
+
+    from . import reaper
+
+    try:
+        node: Any = ray._private.worker._global_node
+        pids = [info.process.pid for name in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor")
+                for info in node.all_processes.get(name, []) if info.process is not None]
+        session = str(node.get_session_dir_path())
+    except (AttributeError, TypeError):  # another Ray's internals: Ray's own cleanup applies
+        log.debug("cannot watch the private cluster's processes", exc_info=True)
+        return
+    reaper.watch(pids, token, session)
 
 
 def actor_env(gpus: float) -> dict[str, str]:
