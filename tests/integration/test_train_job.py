@@ -93,11 +93,23 @@ def wait_for_job_api(head: Head, timeout: float = 90.0) -> None:
         time.sleep(1.0)
 
 
-def submit_train(head: Head, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    """``ray job submit --working-dir <repo> -- python -m jobs.train ARGS``, waiting for the job to end."""
+# What the job API answers while the head's job agent is not up yet (a loaded machine): the job was not submitted.
+NO_AGENT_YET = "No available agent to submit job"
+
+
+def submit_train(head: Head, *args: str, timeout: float = 400,
+                 agent_wait: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """``ray job submit --working-dir <repo> -- python -m jobs.train ARGS``, waiting for the job to end; a
+    submission refused because the job agent is not up yet is made again until it is (Ray: "try again later")."""
     command = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
                "python", "-m", "jobs.train", *args]
-    return subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    deadline = time.monotonic() + agent_wait
+    while True:
+        result = subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if result.returncode == 0 or NO_AGENT_YET not in result.stdout + result.stderr \
+                or time.monotonic() > deadline:
+            return result
+        time.sleep(2.0)
 
 
 @pytest.fixture(scope="module")
