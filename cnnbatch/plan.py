@@ -18,8 +18,8 @@ from . import storage
 from .backbones import BACKBONES, get_backbone
 from .config import log_config, option, require
 from .precision import PRECISIONS
-from .readers import count_tar_rows
 from .shards import Shard, list_shards
+from .tarfiles import count_tar_rows
 
 log = logging.getLogger(__name__)
 

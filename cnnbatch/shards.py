@@ -29,6 +29,7 @@ from typing import Any, Literal
 import fsspec
 
 from . import storage
+from .parquetfiles import parquet_records
 from .readers import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSIONS,
@@ -41,9 +42,8 @@ from .readers import (
     folder_records,
     is_hidden,
     local_target,
-    parquet_records,
-    tar_records,
 )
+from .tarfiles import tar_records
 
 __all__ = ["FOLDER_SHARD_DIGITS", "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "MAX_RECORD_BYTES", "InputError",
            "Record", "Shard", "ShardKind", "extension", "file_shard_id", "folder_label", "iter_records",

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch import readers
+from cnnbatch import parquetfiles, readers, tarfiles
 from cnnbatch.shards import InputError, folder_label, iter_records, list_shards
 
 from .conftest import one_shard, read_all, special, tar_bytes, touch, write_tar
@@ -200,13 +200,13 @@ def test_tar_member_over_the_limit_is_refused_without_reading_it(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 1000)
     extracted: list[str] = []
-    real_extract = readers._extract
+    real_extract = tarfiles._extract
 
     def spy(archive, member):
         extracted.append(member.name)
         return real_extract(archive, member)
 
-    monkeypatch.setattr(readers, "_extract", spy)
+    monkeypatch.setattr(tarfiles, "_extract", spy)
     (tmp_path / "t.tar").write_bytes(tar_bytes([("big.jpg", b"b" * 5000), ("big.cls", b"cat"),
                                                 ("edge.jpg", b"e" * 1000)]))
     records = read_all(one_shard(tmp_path))
@@ -328,13 +328,13 @@ def test_parquet_image_columns_binary_large_binary_and_the_hugging_face_struct(t
 def test_other_image_column_types_make_every_row_an_error_naming_the_type(tmp_path: Path, column: pa.Array,
                                                                           found: str) -> None:
     pq.write_table(pa.table({"image": column, "key": ["k0", "k1"]}), tmp_path / "bad.parquet")
-    expected = f"the 'image' column is {found}, expected {readers.IMAGE_TYPES}"
+    expected = f"the 'image' column is {found}, expected {parquetfiles.IMAGE_TYPES}"
     assert read_all(one_shard(tmp_path)) == {"bad/k0": (None, expected), "bad/k1": (None, expected)}
 
 
 def test_a_parquet_file_without_image_column_or_with_odd_keys_names_what_it_found(tmp_path: Path) -> None:
     pq.write_table(pa.table({"pixels": [b"x", b"y"]}), tmp_path / "bad.parquet")
-    expected = f"no 'image' column (found columns ['pixels']); expected one of {readers.IMAGE_TYPES}"
+    expected = f"no 'image' column (found columns ['pixels']); expected one of {parquetfiles.IMAGE_TYPES}"
     assert read_all(one_shard(tmp_path)) == {"bad/0": (None, expected), "bad/1": (None, expected)}
     pq.write_table(pa.table({"image": [b"x"], "key": [1.5]}), tmp_path / "bad.parquet")
     assert read_all(one_shard(tmp_path)) == {"bad/0": (None, "the 'key' column is double, expected strings or "

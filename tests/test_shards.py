@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch import readers, storage
+from cnnbatch import readers, storage, tarfiles
 from cnnbatch.shards import (
     InputError,
     Record,
@@ -154,7 +154,7 @@ def test_the_public_names_others_import() -> None:
 
 
 def test_a_dry_run_counts_the_rows_that_reading_gives(tmp_path: Path) -> None:
-    """``readers.count_tar_rows`` (for ``cnnbatch plan``) reads headers only and agrees with the reader, row for
+    """``tarfiles.count_tar_rows`` (for ``cnnbatch plan``) reads headers only and agrees with the reader, row for
     row, on a tar full of duplicates, links, second images and samples without an image."""
     entries = [("a.jpg", b"A"), ("a.cls", b"cat"), ("a.jpg", b"again"), ("b.jpg", b"B"), ("b.png", b"B2"),
                ("c.jpg", b"C"), ("d.jpg", b"D"), ("c.png", b"C2"), special("e.jpg", tarfile.SYMTYPE, "a.jpg"),
@@ -164,7 +164,7 @@ def test_a_dry_run_counts_the_rows_that_reading_gives(tmp_path: Path) -> None:
     rows = read_all(one_shard(tmp_path))
     assert len(rows) == 11  # a, a.jpg, b, b.png, c, d, c.png, e.jpg, h, README, i
     with tarfile.open(tmp_path / "t.tar", "r:*") as archive:
-        assert readers.count_tar_rows(archive) == len(rows)
+        assert tarfiles.count_tar_rows(archive) == len(rows)
 
 
 # --- on S3 (moto's server over real HTTP) ----------------------------------------------------------------------

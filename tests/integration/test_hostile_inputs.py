@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch import readers
+from cnnbatch import parquetfiles, readers
 from cnnbatch.extract import ExtractConfig, run_extract
 from cnnbatch.shards import iter_records, list_shards
 
@@ -170,7 +170,7 @@ def test_hostile_parquet_files(ray_cluster, tmp_path: Path, images: list[bytes])
     features, errors = extract(tmp_path, files)
     assert features == {"hf/0": "0", "hf/3": "2", "keys/same": None, "keys/x": None, "keys/3": None,
                         "other/same": None, "bomb/2": None}
-    ints = f"the 'image' column is int64, expected {readers.IMAGE_TYPES}"
+    ints = f"the 'image' column is int64, expected {parquetfiles.IMAGE_TYPES}"
     bomb = errors.get("bomb/0", "")
     assert bomb.startswith("row group 0 not decoded") and bomb.endswith("refused as a decompression bomb")
     assert errors == {
