@@ -62,6 +62,22 @@ def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smallest_model():
+    """``smallest_model(name)``: the backbone built without weights at its smallest input size, once a session
+    (InceptionV3 takes seconds to build; the registry's tests only read its shapes)."""
+    from functools import cache
+
+    from cnnbatch.backbones import get_backbone
+
+    @cache
+    def build(name: str):
+        backbone = get_backbone(name)
+        return backbone.build(backbone.min_input_size, weights=None)
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def vgg16_weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A VGG16 notop weights file saved by the test session itself (no download)."""
     import keras

@@ -33,13 +33,18 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def predictor(model) -> Predictor:
+    info, head = model
+    return Predictor(info, head, "float32")
+
+
+@pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (5, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3), dtype=np.uint8)
 
 
-def test_the_graph_is_the_head_on_the_embedder_s_features(model, images: np.ndarray) -> None:
+def test_the_graph_is_the_head_on_the_embedder_s_features(model, predictor: Predictor, images: np.ndarray) -> None:
     info, head = model
-    predictor = Predictor(info, head, "float32")
     embedder = Embedder(ModelSpec("vgg16", TEST_IMAGE_SIZE, info.weights, "float32"))
     expected = np.asarray(head(embedder.embed(images), training=False))
     np.testing.assert_allclose(predictor.probabilities(images), expected, rtol=1e-4, atol=1e-5)
@@ -47,9 +52,7 @@ def test_the_graph_is_the_head_on_the_embedder_s_features(model, images: np.ndar
     assert predictor.labels == MODEL_LABELS and predictor.image_size == TEST_IMAGE_SIZE
 
 
-def test_probabilities_are_one_row_per_image_summing_to_one(model, images: np.ndarray) -> None:
-    info, head = model
-    predictor = Predictor(info, head, "float32")
+def test_probabilities_are_one_row_per_image_summing_to_one(predictor: Predictor, images: np.ndarray) -> None:
     out = predictor({"image": images})["probabilities"]
     assert out.shape == (5, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
@@ -68,11 +71,12 @@ def test_a_manifest_that_disagrees_with_the_backbone_is_refused(model) -> None:
         Predictor(recorded, head, "float32")
 
 
-def test_other_backbone_weights_can_be_given(model, images: np.ndarray, vgg16_weights_file: Path) -> None:
+def test_other_backbone_weights_can_be_given(model, predictor: Predictor, images: np.ndarray,
+                                            vgg16_weights_file: Path) -> None:
     from cnnbatch.weights import sha256_file
 
     info, head = model
     weights = WeightsRef("file", uri=str(vgg16_weights_file), sha256=sha256_file(vgg16_weights_file))
-    predictor = Predictor(info, head, "float32", weights)
-    assert predictor.embedder.spec.weights == weights
-    assert not np.allclose(predictor.probabilities(images), Predictor(info, head, "float32").probabilities(images))
+    other = Predictor(info, head, "float32", weights)
+    assert other.embedder.spec.weights == weights
+    assert not np.allclose(other.probabilities(images), predictor.probabilities(images))

@@ -151,7 +151,8 @@ def test_loaded_head_predicts_from_raw_features(trained, learnable_features: Pat
 
 def test_streamed_fit_sees_the_same_split(trained, learnable_features: Path, tmp_path: Path) -> None:
     _, in_memory = trained
-    config = quick([learnable_features], tmp_path / "streamed", cache_mb=0, head="linear", learning_rate=0.01)
+    config = quick([learnable_features], tmp_path / "streamed", cache_mb=0, head="linear", learning_rate=0.01,
+                   epochs=5)
     summary = execute_plan(plan_training(config))
     assert summary.streamed
     assert (summary.rows_train, summary.rows_validation, summary.rows_unlabelled) == (
