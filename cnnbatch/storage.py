@@ -20,89 +20,33 @@ from exception types, error codes, HTTP statuses and errnos (:func:`is_transient
 
 from __future__ import annotations
 
-import errno
-import http.client
 import logging
 import os
-import random
 import re
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from functools import cache
-from types import ModuleType
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
+from .redaction import (  # noqa: F401 - part of storage's face: every module redacts through storage
+    SECRET_ENV_NAMES,
+    STORAGE_ENV_PREFIXES,
+    SecretEnv,
+    describe_error,
+    is_secret_name,
+    redact,
+    storage_env,
+)
+from .retries import is_transient, retried_by_library, with_retries  # noqa: F401 - likewise
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Environment variables that configure storage access. They are handed to Ray workers so that actors on other
-# nodes reach the same buckets, and never logged or stored.
-STORAGE_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCE_", "GCS_", "FSSPEC_", "S3_")
-SECRET_ENV_NAMES = re.compile(r"(SECRET|TOKEN|PASSWORD|KEY|CREDENTIAL)", re.IGNORECASE)
-
-
 class StorageError(RuntimeError):
     """Storage that cannot be reached or read, with a message that is safe to print."""
-
-
-def is_secret_name(name: str) -> bool:
-    return name.startswith(STORAGE_ENV_PREFIXES) and bool(SECRET_ENV_NAMES.search(name))
-
-
-def storage_env() -> dict[str, str]:
-    """The storage settings of this process that are not secret (endpoint, region, profile), for Ray workers'
-    ``runtime_env``. Ray's runtime-env agent logs a runtime_env verbatim, so secrets never go there."""
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES) and not is_secret_name(k)}
-
-
-class SecretEnv(dict):
-    """Secret storage variables (keys, tokens) handed to actors as a constructor argument, applied with
-    :meth:`apply`. Its repr names the variables only, so an error or log line that shows it leaks nothing."""
-
-    @classmethod
-    def from_environ(cls) -> SecretEnv:
-        return cls({k: v for k, v in os.environ.items() if is_secret_name(k)})
-
-    def apply(self) -> None:
-        os.environ.update(self)
-
-    def __repr__(self) -> str:
-        return f"SecretEnv({', '.join(sorted(self))})"
-
-    __str__ = __repr__
-
-
-# A URL's scheme and "//"; what follows up to the authority's last "@" is its userinfo (RFC 3986 ends the
-# authority at "/", "?" or "#"; a raw "@" in a password is invalid but common, and urllib splits at the last one).
-_SCHEME = r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://"
-_USERINFO = re.compile(
-    rf"({_SCHEME})"
-    r"(?:"
-    r"[^\s/?#\"'<>]*"  # an authority holding "@": everything before its last "@"
-    r"|"
-    # "user:password@" whose password holds "/", "?" or "#" unescaped (e.g. an AWS secret key): the authority
-    # would end inside the password, so take the whole run up to its last "@" -- unless what follows the colon
-    # is a port ("host:8000/path/bob@example.com" stays as it is).
-    r"[^\s/?#\"'<>:@\[]+:(?!\d*(?:[/?#\s\"'<>]|$))[^\s\"'<>]*"
-    r")@"
-)
-
-
-def redact(text: str) -> str:
-    """Remove secret values from the environment and the userinfo of every URL from ``text``.
-
-    ``scheme://anything@host`` becomes ``scheme://***@host`` (a user name alone can be a token); e-mail
-    addresses outside URLs and URLs without userinfo are left as they are.
-    """
-    for name, value in os.environ.items():
-        if value and len(value) >= 6 and is_secret_name(name):
-            text = text.replace(value, "***")
-    return _USERINFO.sub(r"\1***@", text)
 
 
 # --- the door: storage protocols only --------------------------------------------------------------------------
@@ -246,145 +190,6 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not is_local(fs) else path
 
 
-# --- retries ---------------------------------------------------------------------------------------------------
-
-# HTTP statuses and service error codes worth another attempt: request timeout, throttling, server errors.
-TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-TRANSIENT_ERROR_CODES = frozenset({
-    # S3's own (https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html)
-    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted",
-    # botocore's throttling and transient codes (botocore.retries.standard)
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
-    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
-    "PriorRequestNotComplete", "EC2ThrottledException", "RequestTimeoutException",
-})
-# errnos of a dropped, refused or timed-out connection or a busy resource; s3fs translates S3's 503/SlowDown (and
-# 409 OperationAborted) to EBUSY and 500 InternalError to EREMOTEIO (s3fs/errors.py).
-TRANSIENT_ERRNOS = frozenset({
-    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.EAGAIN,
-    errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH,
-} - {errno.EIO})
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-
-
-@cache
-def _optional(name: str) -> ModuleType | None:
-    """An optional library's module (botocore, aiohttp, aiobotocore), or None when it is not installed."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, then what caused it (s3fs raises its translated OSError ``from`` botocore's ClientError)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen and len(seen) < 16:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-
-
-def _client_error_is_transient(error: Any) -> bool:
-    response = getattr(error, "response", None) or {}
-    code = str((response.get("Error") or {}).get("Code") or "")
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    if code in TRANSIENT_ERROR_CODES:
-        return True
-    if code.isdigit() and int(code) in TRANSIENT_STATUSES:  # HEAD errors have no body: the code is the status
-        return True
-    return isinstance(status, int) and status in TRANSIENT_STATUSES
-
-
-def _verdict(exc: BaseException) -> bool | None:
-    """Whether ``exc`` by its type (or errno, or status) is transient; None when its type does not say."""
-    botocore = _optional("botocore.exceptions")
-    aiohttp = _optional("aiohttp")
-    if isinstance(exc, _PERMANENT):
-        return False
-    if botocore is not None and isinstance(exc, botocore.SSLError):
-        return False  # a certificate that does not verify stays so
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientSSLError):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError, http.client.IncompleteRead)):
-        return True
-    if botocore is not None and isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError,
-                                                 botocore.IncompleteReadError)):
-        return True
-    parsers = _optional("botocore.parsers")
-    if parsers is not None and isinstance(exc, parsers.ResponseParserError):
-        return True  # throttling answers can come with invalid XML (s3fs issue 484)
-    if aiohttp is not None:
-        if isinstance(exc, aiohttp.ClientResponseError):
-            return exc.status in TRANSIENT_STATUSES
-        if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
-            return True
-    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
-        return True
-    return None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether an error from a store is worth retrying (timeouts, 5xx, throttling, dropped connections).
-
-    Decided from types, codes and statuses: a botocore ClientError anywhere in the chain decides by its error
-    code and HTTP status; otherwise the first exception in the chain whose type (or errno) says. Message text is
-    never read: a missing ``part-000500`` is as permanent as any other missing file.
-    """
-    botocore = _optional("botocore.exceptions")
-    chain = list(_chain(exc))
-    if botocore is not None:
-        for link in chain:
-            if isinstance(link, botocore.ClientError):
-                return _client_error_is_transient(link)
-    for link in chain:
-        verdict = _verdict(link)
-        if verdict is not None:
-            return verdict
-    return False
-
-
-def retried_by_library(exc: BaseException) -> bool:
-    """Whether ``exc`` comes out of a library layer that already retried it: botocore's request layer (a service
-    error response, or a connection that failed or timed out), which :func:`filesystem` configures to make
-    :data:`S3_MAX_ATTEMPTS` attempts. Errors of reading a response body after botocore returned it are not."""
-    botocore = _optional("botocore.exceptions")
-    if botocore is None:
-        return False
-    aioresponse = _optional("aiobotocore.response")
-    body_errors: tuple[type[BaseException], ...] = (botocore.ResponseStreamingError,)
-    if aioresponse is not None:
-        body_errors += (aioresponse.AioReadTimeoutError,)
-    for link in _chain(exc):
-        if isinstance(link, botocore.ClientError):
-            return True
-        if isinstance(link, (botocore.ConnectionError, botocore.HTTPClientError)) and not isinstance(link, body_errors):
-            return True
-    return False
-
-
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call ``fn``, retrying transient storage errors with jittered exponential backoff.
-
-    Errors a library below already retried (:func:`retried_by_library`) are raised at once: one layer per request.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if attempt == attempts or not is_transient(exc) or retried_by_library(exc):
-                raise
-            delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("transient error on %s (attempt %d/%d), retrying in %.1fs: %s",
-                        redact(what), attempt, attempts, delay, describe_error(exc))
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 # --- reads and writes ------------------------------------------------------------------------------------------
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
@@ -524,17 +329,6 @@ def _iter_walk(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, 
             yield from _iter_walk(fs, name)
         else:
             yield name, entry
-
-
-# " at 0x7f3a5c2e1d30" in an object's default repr: noise to a user, and an address is no business of a log
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line, secret-free description of an exception (object reprs lose their memory addresses)."""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    name = type(exc).__name__
-    return _ADDRESS.sub("", redact(f"{name}: {message}" if message else name))
 
 
 def ensure_reachable(uri: str, must_exist: bool) -> tuple[fsspec.AbstractFileSystem, str]:

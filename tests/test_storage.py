@@ -30,7 +30,7 @@ from aiobotocore.response import AioReadTimeoutError
 from botocore.retries.standard import ExponentialBackoff
 from s3fs.errors import translate_boto_error
 
-from cnnbatch import storage
+from cnnbatch import retries, storage
 from cnnbatch.backbones import get_backbone
 from cnnbatch.weights import (
     WeightsError,
@@ -165,7 +165,7 @@ def test_transient_errors_are_told_apart() -> None:
 
 def test_transient_errors_are_retried_with_growing_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     delays: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", delays.append)
+    monkeypatch.setattr(retries.time, "sleep", delays.append)
     calls = []
 
     def flaky() -> str:
@@ -199,7 +199,7 @@ def test_transient_errors_are_retried_with_growing_backoff(monkeypatch: pytest.M
 
 def test_errors_botocore_already_retried_are_not_retried_again(monkeypatch: pytest.MonkeyPatch) -> None:
     delays: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", delays.append)
+    monkeypatch.setattr(retries.time, "sleep", delays.append)
     calls = []
 
     def throttled() -> None:
@@ -307,7 +307,7 @@ def fake_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Counter[str], lis
 
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", no_wait)
     our_sleeps: list[float] = []  # storage's own backoff only (time.sleep itself stays: subprocess waits use it)
-    monkeypatch.setattr(storage, "time", SimpleNamespace(sleep=our_sleeps.append))
+    monkeypatch.setattr(retries, "time", SimpleNamespace(sleep=our_sleeps.append))
     FakeS3Handler.counts = Counter()
     FakeS3Handler.per_path = Counter()
     s3fs.S3FileSystem.clear_instance_cache()
