@@ -56,7 +56,7 @@ def draft_speedup(folder: Path, size: int, repeats: int = 3) -> dict[str, Any]:
     """P3: decode_image with and without DCT scaling on one folder of (big) JPEGs, best of ``repeats``."""
     from PIL import Image
 
-    from cnnbatch.decode import draft_scale
+    from cnnbatch.jpegfast import draft_scale
 
     paths = sorted(folder.rglob("*.jpg"))
     blobs = [p.read_bytes() for p in paths]
@@ -180,7 +180,7 @@ def d1(folder: Path, sizes: tuple[int, ...] = (224, 160), images: int = 300, rou
     used, the ratios (median over rounds of the within-round ratio), and the levers if asked."""
     from PIL import Image
 
-    from cnnbatch.decode import draft_scale
+    from cnnbatch.jpegfast import draft_scale
 
     paths = sorted(folder.rglob("*.jpg"))[:images]
     if not paths:

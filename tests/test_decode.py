@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import cnnbatch.decode as decode_module
+import cnnbatch.decode as decode_module  # noqa: F401
+from cnnbatch import jpegfast
 from cnnbatch.decode import (
     DRAFT_MIN_SIDE,
     MAX_DECODED_MB,
@@ -67,7 +68,7 @@ def force_pillow_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """libjpeg-turbo refuses everything: decode_image must fall back to Pillow for every JPEG."""
     def refuse(*args, **kwargs):
         raise ValueError("refused for the test")
-    monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", refuse)
+    monkeypatch.setattr(jpegfast.simplejpeg, "decode_jpeg", refuse)
 
 
 # --- modes, formats, frames ---------------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def test_a_jpeg_libjpeg_turbo_only_warns_about_is_decoded_by_pillow() -> None:
     clean = encode(Image.fromarray(gradient(40, 30)), "JPEG", quality=90)
     data = clean[:-2] + b"\x00\x00\x00" + clean[-2:]
     with pytest.raises(ValueError):
-        decode_module.simplejpeg.decode_jpeg(data)
+        jpegfast.simplejpeg.decode_jpeg(data)
     np.testing.assert_array_equal(decode_image(data, 24), np.asarray(
         Image.open(io.BytesIO(data)).convert("RGB").resize((24, 24), Image.Resampling.BILINEAR)))
 
@@ -419,7 +420,7 @@ def test_any_exception_while_decoding_is_that_images_decode_error(monkeypatch: p
         raise error
     data = {"JPEG": encode(Image.fromarray(gradient(40, 30)), "JPEG"),
             "PNG": encode(Image.fromarray(gradient(40, 30)), "PNG")}
-    monkeypatch.setattr(decode_module, "_resize_array", fail)  # the JPEG fast path
+    monkeypatch.setattr(jpegfast, "_resize_array", fail)  # the JPEG fast path
     monkeypatch.setattr(decode_module, "_small_rgb", fail)  # the Pillow path
     for fmt, blob in data.items():
         with pytest.raises(DecodeError) as info:
@@ -430,7 +431,7 @@ def test_any_exception_while_decoding_is_that_images_decode_error(monkeypatch: p
 def test_interrupts_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(decode_module, "_resize_array", interrupt)
+    monkeypatch.setattr(jpegfast, "_resize_array", interrupt)
     with pytest.raises(KeyboardInterrupt):
         decode_image(encode(Image.fromarray(gradient(40, 30)), "JPEG"), 24)
 
