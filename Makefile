@@ -53,7 +53,7 @@ test: install lint validate-k8s ## lint, validate the Kubernetes manifests, then
 	$(PY) -m pytest
 
 test-fast: install ## the unit tests (tests/test_<module>.py): no Ray, no CLI subprocesses (under a minute)
-	$(PY) -m pytest tests --ignore=tests/integration -q -p no:cacheprovider
+	$(PY) -m pytest tests --ignore=tests/integration -q -p no:cacheprovider -n 2
 
 lint: install ## ruff (lint + import order) and mypy on cnnbatch/
 	$(VENV)/bin/ruff check cnnbatch jobs tests bench k8s
