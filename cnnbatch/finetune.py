@@ -332,7 +332,10 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
                  "excluded_unlabelled": split.unlabelled},
         "history": rounded_history(epochs.history), "epochs_run": summary.epochs_run, "best_epoch": epochs.best_epoch,
         "fit": {**where, "replicas": summary.replicas, "trainable_from": first, "seconds": round(summary.seconds, 3),
-                "resumed_from_epoch": state["resumed_from_epoch"], "replica_max_difference": 0.0},
+                "resumed_from_epoch": state["resumed_from_epoch"], "replica_max_difference": 0.0,
+                "epoch_train_seconds": [round(t, 3) for t in epochs.train_seconds],
+                "train_images_per_second": round(split.train_rows / min(epochs.train_seconds), 2)
+                if epochs.train_seconds else None},
         "config": to_dict(config), "recipe": plan.recipe.to_dict(), "summary": asdict(summary),
     }
     figures = {CONFUSION_FILE: confusion_figure(info.labels, evaluations["validation"]),

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,12 +185,17 @@ class EpochState:
         self.best_epoch, self.patience, self.bad_epochs = best_epoch, patience, bad_epochs
         self.history = history
         self.non_finite: str | None = None
+        self.epoch_started = 0.0
+        self.train_seconds: list[float] = []  # per epoch run in this process (a resumed fit counts its own)
 
     def callback(self, model: Any) -> Any:
         keras = keras_module()
         state = self
 
         class _Callback(keras.callbacks.Callback):  # type: ignore[name-defined]
+            def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                state.epoch_started = time.perf_counter()
+
             def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
                 loss = (logs or {}).get("loss")
                 if loss is not None and not math.isfinite(float(loss)):
@@ -197,6 +203,8 @@ class EpochState:
                     self.model.stop_training = True
 
             def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                # the epoch's training time: its batches, before the validation pass
+                state.train_seconds.append(time.perf_counter() - state.epoch_started)
                 state.end_epoch(model, epoch + 1, dict(logs or {}))
                 if state.non_finite or state.bad_epochs > state.patience:
                     self.model.stop_training = True
