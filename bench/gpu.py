@@ -261,7 +261,7 @@ def cpu_decode_rates(folder: Path, sizes: tuple[int, ...]) -> list[dict[str, Any
         one = _decode_all(blobs[:512], size) / (time.perf_counter() - started)
         with ThreadPoolExecutor(cpus) as pool:
             started = time.perf_counter()
-            list(pool.map(lambda blob: decode_image(blob, size), blobs))
+            list(pool.map(lambda blob, size=size: decode_image(blob, size), blobs))
             threads = len(blobs) / (time.perf_counter() - started)
         chunks = [blobs[i::cpus] for i in range(cpus)]
         with ProcessPoolExecutor(cpus) as pool:

@@ -26,3 +26,15 @@ def folder_subset(source: Path, target: Path, count: int) -> Path:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.hardlink_to(path)
     return target
+
+
+def write_small_pngs(root: Path, count: int, size: int = 48, classes: int = 4) -> Path:
+    """``root/class-<k>/img-<i>.png``: small photo-like PNGs, where the model is cheap and the rest of the job shows."""
+    from PIL import Image
+
+    for index in range(count):
+        path = root / f"class-{index % classes}" / f"img-{index:06d}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo_like(size, size, 500_000 + index)).save(path)
+    return root

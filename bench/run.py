@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import decoding, report
-from bench.images import MEGAPIXEL_SIZE, folder_subset, write_folder
+from bench.images import MEGAPIXEL_SIZE, folder_subset, write_folder, write_small_pngs
 from bench.monitor import REPO, RunResult, psutil_module, python_argv, run_measured
 from cnnbatch.backbones import get_backbone
 from cnnbatch.extract import ExtractConfig
@@ -50,11 +50,16 @@ class BenchConfig:
     decode_sizes: tuple[int, ...] = (160, 224)  # the first is P3's headline: the size every other figure uses
     d1_images: int = 300  # D1: the ImageNet-sized JPEGs decoded per round, by cnnbatch, Keras' recipe and bare libjpeg
     d1_rounds: int = 5
+    small_images: int = 4000  # P1 where the model is cheap: small PNGs to 32 px
+    small_size: int = 32
+    small_bare_seconds: float = 20.0
+    learning: bool = True  # A1, A2, F1, F2 (bench/learning.py)
 
 
 QUICK = BenchConfig(image_size=32, default_size=48, batch_size=8, shard_size=8, n=8, memory_scale=3, p2_images=16,
                     repeats=1, bare_seconds=1.0, p1_bare_seconds=1.0, default_size_bare_seconds=1.0, big_images=3,
-                    decode_sizes=(32,), d1_images=8, d1_rounds=1)
+                    decode_sizes=(32,), d1_images=8, d1_rounds=1, small_images=64, small_bare_seconds=1.0,
+                    learning=False)
 PHONE_SIZE = (4032, 3024)  # 12 MP: a phone camera's photo
 
 
@@ -154,6 +159,12 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
     bench.job("cnnbatch-bf16-default-size", folders[c.p2_images], "bfloat16", size=c.default_size)
     bench.bare("bare-bf16-xla", "bfloat16", "--xla")
     bench.bare("bare-inceptionv3-bf16", "bfloat16", backbone="inceptionv3")
+    small = write_small_pngs(work / "pngs-small", c.small_images)
+    bench.bare("bare-bf16-small", "bfloat16", size=c.small_size, seconds=c.small_bare_seconds)
+    bench.job("cnnbatch-bf16-small", small, "bfloat16", size=c.small_size)
+    if c.learning:
+        bench.measure("learning", python_argv("bench.learning", "--work", str(work / "learning"),
+                                              "--views-size", str(c.image_size)))
     bench.measure("worker-in-flight", python_argv("bench.worker_ab", "--input", str(folders[c.p2_images]),
                                                   "--image-size", str(c.image_size), "--batch-size",
                                                   str(c.batch_size), "--repeats", "1"))
@@ -178,6 +189,19 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
                                   "images_per_second": bench.steady("cnnbatch-bf16-default-size")}
     results["p1_default_size"]["ratio"] = (results["p1_default_size"]["images_per_second"]
                                            / results["p1_default_size"]["bare"])
+    small_job = bench.best("cnnbatch-bf16-small").result
+    results["p1_small"] = {"image_size": c.small_size, "images": c.small_images,
+                           "bare": bench.bare_rate("bare-bf16-small"),
+                           "images_per_second": bench.steady("cnnbatch-bf16-small"),
+                           "ms_per_image": {stage: 1000 * seconds / max(1, small_job["images"])
+                                            for stage, seconds in small_job["stage_seconds"].items()}}
+    results["p1_small"]["ratio"] = results["p1_small"]["images_per_second"] / results["p1_small"]["bare"]
+    if c.learning:
+        learning = bench.runs["learning"][0].result
+        learning["views_cost"]["model_seconds_per_view"] = 1 / bare["vgg16_bf16"]
+        learning["views_cost"]["ratio"] = (learning["views_cost"]["seconds_per_view"]
+                                           / learning["views_cost"]["model_seconds_per_view"])
+        results["learning"] = learning
     results["p2"] = {"bf16_ratio": steady["cnnbatch_bf16_p2"] / steady["keras_fp32_p2"],
                      "fp32_ratio": steady["cnnbatch_fp32_p2"] / steady["keras_fp32_p2"]}
     results["p4"] = memory_figures(bench, c.n, big_n)
