@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from cnnbatch.logs import setup_logging
 from cnnbatch.extract import ExtractConfig, run_extract
+from cnnbatch.logs import setup_logging
 
 
 def shard_stats(output: str) -> list[dict]:

@@ -31,12 +31,8 @@ WORKER_TITLE = "ray::ShardWorker"
 
 def psutil_module() -> Any:
     """psutil, from the environment or from the copy Ray ships (``import ray`` puts it on the path)."""
-    try:
-        import psutil
-    except ImportError:
-        import ray  # noqa: F401 - ray/thirdparty_files holds psutil
+    import psutil  # the test extra's
 
-        import psutil
     return psutil
 
 

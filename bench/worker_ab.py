@@ -13,7 +13,7 @@ import argparse
 import json
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,8 +21,8 @@ from cnnbatch.decode import decode_image
 from cnnbatch.embed import Embedder, ModelSpec
 from cnnbatch.extract import ExtractTask, feature_metadata
 from cnnbatch.output import OutputDataset
-from cnnbatch.shardstats import ShardStats
 from cnnbatch.shards import Shard, iter_records, list_shards
+from cnnbatch.shardstats import ShardStats
 from cnnbatch.weights import DEFAULT_RANDOM_SEED, WeightsRef
 from cnnbatch.worker import decode_threads_for, process_shard
 
