@@ -44,3 +44,45 @@ def ray_cluster():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def held(job, gate: Path, key: str | None = None):
+    """``job`` (a pipeline.ShardedJob of extract) whose actor holds on a record, synchronising a test with it:
+    the first time ``key`` (or, without one, any record) is made into model inputs on the decode threads, the actor
+    writes its pid to ``gate/held`` and waits until ``gate/release`` exists (the test may kill it there instead);
+    every later time it passes. Outputs and fingerprint are the plain job's."""
+    import dataclasses
+    import os
+    import time
+
+    from cnnbatch.extract import ExtractTask
+
+    @dataclasses.dataclass(frozen=True)
+    class Held(ExtractTask):  # defined in a function: pickled by value to the actors
+        gate: str = ""
+        key: str | None = None
+
+        def variants(self, record_key, pixels):
+            holder, release = Path(self.gate) / "held", Path(self.gate) / "release"
+            if (self.key is None or record_key == self.key) and not holder.exists():
+                holder.write_text(str(os.getpid()))
+                deadline = time.monotonic() + 120
+                while not release.exists():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the held actor was neither released nor killed")
+                    time.sleep(0.05)
+            return super().variants(record_key, pixels)
+
+    fields = {f.name: getattr(job.task, f.name) for f in dataclasses.fields(ExtractTask)}
+    return dataclasses.replace(job, task=Held(**fields, gate=str(gate), key=key))
+
+
+def wait_until_held(gate: Path, running, timeout: float = 180) -> int:
+    """The held actor's pid, once it holds (``running``: the job's future, which must not have ended)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (gate / "held").exists():
+        assert time.monotonic() < deadline and not running.done(), "the actor never held"
+        time.sleep(0.05)
+    return int((gate / "held").read_text())

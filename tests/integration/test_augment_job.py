@@ -4,11 +4,9 @@ from the views and reports on plain vectors, predict --tta averages over seeded 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cnnbatch.augment import CLASSIC
-from cnnbatch.extract import ExtractConfig, ExtractTask, prepare_extract, run_extract
+from cnnbatch.extract import ExtractConfig, prepare_extract, run_extract
 from cnnbatch.output import OutputError
 from cnnbatch.parquetio import read_metadata
 from cnnbatch.pipeline import run_sharded_job
@@ -27,6 +25,7 @@ from cnnbatch.predict import PredictConfig, run_predict
 from cnnbatch.train import TrainConfig, run_train
 
 from ..conftest import TEST_IMAGE_SIZE
+from .conftest import held, wait_until_held
 
 VIEWS = 3
 
@@ -101,31 +100,9 @@ def test_a_killed_actor_redoes_its_shard_with_the_same_views(ray_cluster, extrac
     job = prepare_extract(extract_config(root, output, augment_views=VIEWS))
     keys = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
-    @dataclasses.dataclass(frozen=True)
-    class Held(ExtractTask):  # defined here: pickled by value to the actor
-        gate: str = ""
-        key: str = ""
-
-        def variants(self, record_key, pixels):
-            held = Path(self.gate) / "held"
-            if record_key == self.key and not held.exists():
-                held.write_text(str(os.getpid()))
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:  # the test kills this process here
-                    time.sleep(0.05)
-                raise RuntimeError("the held actor was not killed")
-            return super().variants(record_key, pixels)
-
-    fields = {f.name: getattr(job.task, f.name) for f in dataclasses.fields(ExtractTask)}
-    held_job = dataclasses.replace(job, task=Held(**fields, gate=str(gate), key=keys[9]))
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(run_sharded_job, held_job)
-        deadline = time.monotonic() + 180
-        while not (gate / "held").exists() and not running.done():
-            assert time.monotonic() < deadline, "the actor never reached shard 1"
-            time.sleep(0.05)
-        assert not running.done(), running.result()
-        os.kill(int((gate / "held").read_text()), signal.SIGKILL)
+        running = pool.submit(run_sharded_job, held(job, gate, keys[9]))
+        os.kill(wait_until_held(gate, running), signal.SIGKILL)
         summary = running.result(timeout=300)
     assert summary.ok and summary.shards_done == 2 and summary.images == 18
     resumed, reference = table_of(output), table_of(extracted["views"])

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ..conftest import REPO, run_cli
+from .conftest import held, wait_until_held
 
 FAULT_IMAGE_SIZE = 64  # ~2 s per 60-image shard on this CPU: slow enough to kill an actor mid-shard
 SHARD_SIZE = 60
@@ -68,34 +69,6 @@ def extract_config(root: Path, output: Path):
                          shard_size=SHARD_SIZE, batch_size=16, workers=1, gpus_per_worker=0)
 
 
-def gated_job(config, gate: Path, key: str):
-    """The extract job of ``config`` with a gate on the decode threads: the first time ``key`` is made into model
-    inputs, the actor writes its pid to ``gate/held`` and waits there (for at most two minutes) to be killed; every
-    later time (the restarted actor redoing the shard) it passes. Outputs and fingerprint are the plain job's."""
-    from dataclasses import dataclass, replace
-
-    from cnnbatch.extract import ExtractTask, prepare_extract
-
-    @dataclass(frozen=True)
-    class GatedTask(ExtractTask):  # defined here: pickled by value to the actor
-        gate: str = ""
-        key: str = ""
-
-        def variants(self, record_key, pixels):
-            held = Path(self.gate) / "held"
-            if record_key == self.key and not held.exists():
-                held.write_text(str(os.getpid()))
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:  # the test kills this process; it never gets to return
-                    time.sleep(0.05)
-                raise RuntimeError("the gated actor was not killed")
-            return super().variants(record_key, pixels)
-
-    job = prepare_extract(config)
-    task = GatedTask(job.task.model, job.task.batch_size, job.task.metadata, gate=str(gate), key=key)
-    return replace(job, task=task)
-
-
 def test_killed_actor_then_crash_leftovers_then_noop_rerun(ray_cluster, fault_input: Path, tmp_path: Path) -> None:
     """SIGKILL the actor while it works on shard 1 (held on its first image by a gate the test controls): Ray
     restarts it and redoes the shard. Then leave the debris of a crash in the output (a replaced part, a part
@@ -103,7 +76,7 @@ def test_killed_actor_then_crash_leftovers_then_noop_rerun(ray_cluster, fault_in
     file."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cnnbatch.extract import run_extract
+    from cnnbatch.extract import prepare_extract, run_extract
     from cnnbatch.pipeline import run_sharded_job
 
     output, gate = tmp_path / "out", tmp_path / "gate"
@@ -111,10 +84,8 @@ def test_killed_actor_then_crash_leftovers_then_noop_rerun(ray_cluster, fault_in
     config = extract_config(fault_input, output)
     first_of_shard_1 = input_keys(fault_input)[SHARD_SIZE]
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(run_sharded_job, gated_job(config, gate, first_of_shard_1))
-        wait_for(lambda: (gate / "held").exists() or job.done(), 180, "the actor to reach shard 1")
-        assert not job.done(), job.result()
-        killed = int((gate / "held").read_text())
+        job = pool.submit(run_sharded_job, held(prepare_extract(config), gate, first_of_shard_1))
+        killed = wait_until_held(gate, job)
         assert (output / "_stats" / "000000.json").exists() and not (output / "_stats" / "000001.json").exists()
         assert stats_pid(output, "000000") == killed
         os.kill(killed, signal.SIGKILL)

@@ -4,9 +4,7 @@ worker group scaling up)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from ..conftest import TEST_IMAGE_SIZE
+from .conftest import held, wait_until_held
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def test_the_default_fills_the_gpu_nodes(cluster) -> None:
 def test_the_pool_grows_when_a_gpu_node_joins(cluster, sample_root: Path, tmp_path: Path) -> None:
     """The only actor is held on its first shard until the second GPU node has joined; from the next finished
     shard on the pool holds two actors, and the second node does shards too."""
-    from cnnbatch.extract import ExtractConfig, ExtractTask, prepare_extract
+    from cnnbatch.extract import ExtractConfig, prepare_extract
     from cnnbatch.pipeline import run_sharded_job
 
     ray_cluster, first_node = cluster
@@ -57,29 +56,9 @@ def test_the_pool_grows_when_a_gpu_node_joins(cluster, sample_root: Path, tmp_pa
     job = prepare_extract(config)
     assert job.pool.grow and job.pool.workers == 1
 
-    @dataclasses.dataclass(frozen=True)
-    class Held(ExtractTask):  # pickled by value to the actors
-        gate: str = ""
-
-        def variants(self, key, pixels):
-            held, release = Path(self.gate) / "held", Path(self.gate) / "release"
-            if not held.exists():
-                held.write_text(key)
-                deadline = time.monotonic() + 120
-                while not release.exists():
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("never released")
-                    time.sleep(0.05)
-            return super().variants(key, pixels)
-
-    fields = {f.name: getattr(job.task, f.name) for f in dataclasses.fields(ExtractTask)}
-    held_job = dataclasses.replace(job, task=Held(**fields, gate=str(gate)))
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(run_sharded_job, held_job)
-        deadline = time.monotonic() + 180
-        while not (gate / "held").exists():
-            assert time.monotonic() < deadline and not running.done(), "the actor never started a shard"
-            time.sleep(0.05)
+        running = pool.submit(run_sharded_job, held(job, gate))
+        wait_until_held(gate, running)
         second = ray_cluster.add_node(num_cpus=2, num_gpus=1)
         ray_cluster.wait_for_nodes()
         (gate / "release").write_text("go")
