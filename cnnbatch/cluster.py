@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -177,9 +178,12 @@ def run_on_worker(fn: Callable[..., T], *args: Any, gpus: float,
     from ray.exceptions import RayTaskError
 
     init_ray()
+    env = actor_env(gpus)
+    if fresh_process:  # a runtime_env of its own: Ray starts a worker process for it, never an idle one reused
+        env["CNNBATCH_TASK_PROCESS"] = uuid.uuid4().hex
     remote: Any = ray.remote(max_calls=1)(_in_worker) if fresh_process else ray.remote(_in_worker)  # else Ray's default
     task: Any = remote.options(num_cpus=1, num_gpus=gpus, max_retries=2, retry_exceptions=False,
-                               runtime_env={"env_vars": actor_env(gpus)})
+                               runtime_env={"env_vars": env})
     try:
         return ray.get(task.remote(fn, args, storage.SecretEnv.from_environ()))
     except RayTaskError as exc:

@@ -5,16 +5,35 @@ refused --image."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cnnbatch.cli import main
 from cnnbatch.train import TrainConfig, run_train
 
-from ..conftest import learnable, run_cli, write_features
+from ..conftest import learnable, write_features
 
 
-def one_line(result, code: int, *needles: str) -> str:
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture
+def cli(ray_cluster, capsys):
+    """``cnnbatch ARGS`` in this process, on the module's cluster (the same main() the console script runs)."""
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = main(list(args))
+        return Result(code, capsys.readouterr().err)
+
+    return run
+
+
+def one_line(result: Result, code: int, *needles: str) -> str:
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     lines = [line for line in result.stderr.strip().splitlines() if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -23,34 +42,36 @@ def one_line(result, code: int, *needles: str) -> str:
     return lines[0]
 
 
-def extract(input_: Path, output: Path, *extra: str):
-    return run_cli("extract", "--input", str(input_), "--output", str(output), "--weights", "random",
-                   "--image-size", "32", *extra)
+def extract(cli, input_: Path, output: Path, *extra: str) -> Result:
+    return cli("extract", "--input", str(input_), "--output", str(output), "--weights", "random",
+               "--image-size", "32", "--workers", "1", *extra)
 
 
-def test_an_output_that_is_a_file_is_one_line(sample_root: Path, tmp_path: Path) -> None:
+def test_an_output_that_is_a_file_is_one_line(cli, sample_root: Path, tmp_path: Path) -> None:
     output = tmp_path / "features.parquet"
     output.write_bytes(b"I am a file")
-    one_line(extract(sample_root / "holdout", output / "sub"), 1, "cannot write to --output", "features.parquet")
+    one_line(extract(cli, sample_root / "holdout", output / "sub"), 1, "cannot write to --output", "features.parquet")
     assert output.read_bytes() == b"I am a file"
 
 
-def test_an_empty_input_leaves_no_configuration_stamp(sample_root: Path, tmp_path: Path) -> None:
+def test_an_empty_input_leaves_no_configuration_stamp(cli, sample_root: Path, tmp_path: Path) -> None:
     empty, output = tmp_path / "empty", tmp_path / "out"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    one_line(extract(empty, output), 1, "holds no images")
+    one_line(extract(cli, empty, output), 1, "holds no images")
     assert not (output / "_cnnbatch.json").exists()
     # so a run with another configuration on the same output is not refused
-    result = extract(sample_root / "holdout", output, "--image-size", "40")
+    result = extract(cli, sample_root / "holdout", output, "--image-size", "40")
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_a_garbage_lock_is_taken_over_and_named_for_what_it_is(sample_root: Path, tmp_path: Path) -> None:
+def test_a_garbage_lock_is_taken_over_and_named_for_what_it_is(cli, sample_root: Path, tmp_path: Path,
+                                                               caplog) -> None:
     output = tmp_path / "out"
     output.mkdir()
     (output / "_LOCK").write_text("not json at all")
-    result = extract(sample_root / "holdout", output)
+    result = extract(cli, sample_root / "holdout", output)
+    result.stderr += caplog.text
     assert result.returncode == 0, result.stderr[-2000:]
     assert "the lock file is unreadable" in result.stderr and "years" not in result.stderr
 
@@ -65,16 +86,16 @@ def model(ray_cluster, tmp_path_factory) -> Path:
     return output
 
 
-def test_an_undecodable_image_fails_with_status_1(model: Path, tmp_path: Path) -> None:
+def test_an_undecodable_image_fails_with_status_1(cli, model: Path, tmp_path: Path) -> None:
     image = tmp_path / "broken.jpg"
     image.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    one_line(run_cli("predict", "--model", str(model), "--image", str(image)), 1, "broken.jpg", "cannot decode")
+    one_line(cli("predict", "--model", str(model), "--image", str(image)), 1, "broken.jpg", "cannot decode")
 
 
 @pytest.mark.parametrize("uri, needle", [
     ("simplecache::http://127.0.0.1:9/x.jpg", "--image-url"),
     ("ftp://127.0.0.1/x.jpg", "ftp"),
 ])
-def test_a_refused_image_uri_is_a_bad_argument(model: Path, uri: str, needle: str) -> None:
-    line = one_line(run_cli("predict", "--model", str(model), "--image", uri), 2, needle)
+def test_a_refused_image_uri_is_a_bad_argument(cli, model: Path, uri: str, needle: str) -> None:
+    line = one_line(cli("predict", "--model", str(model), "--image", uri), 2, needle)
     assert json.dumps(line)  # printable, one line
