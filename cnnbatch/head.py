@@ -58,7 +58,7 @@ class LabelCodes:
 
 
 def is_unlabelled(label: str | None) -> bool:
-    """Null and blank labels mean "unknown" (CONTRACT.md: label is null when unknown)."""
+    """Null and blank labels mean "unknown" (README: label is null when unknown)."""
     return label is None or not str(label).strip()
 
 

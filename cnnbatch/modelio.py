@@ -1,18 +1,20 @@
 """The model folder written by ``train`` and read by ``predict``: everything needed to rebuild backbone + head.
 
-Layout (CONTRACT.md, "Model output of train")::
+Layout (README, "Train": the model folder)::
 
     head.keras             the head: raw backbone features -> class probabilities (normalisation included)
     labels.txt             the class names, one per line, in output order
     metrics.json           train/validation loss and accuracy, per-class precision/recall, rows, where it ran
     confusion_matrix.png   validation confusion matrix
     training_curve.png     loss and accuracy per epoch
+    backbone.weights.h5    a fine-tuned backbone (finetune only): predict uses it in place of the weights reference
     model.json             the manifest: format, backbone reference, labels, and the sha256 of every file above
 
 ``model.json`` is written last and is what makes a folder a model: on a local filesystem the folder is built under
 a hidden sibling name and renamed into place; on object stores every file is written first and the manifest last,
 so a crash never leaves a folder that looks complete. Loading verifies every checksum and loads the head with
-``safe_mode=True``, which refuses Lambda layers and unregistered custom code.
+``safe_mode=True``, which refuses Lambda layers and unregistered custom code, and checks labels.txt against the
+manifest.
 """
 
 from __future__ import annotations

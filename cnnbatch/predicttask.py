@@ -105,7 +105,7 @@ def mean_probabilities(outputs: dict[str, np.ndarray], classes: int) -> np.ndarr
 
 def prediction_metadata(model_uri: str, digest: str, info: ModelInfo, precision: str, k: int,
                         tta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What every prediction part records about the model that made it (CONTRACT.md: schema metadata)."""
+    """What every prediction part records about the model that made it (README, "Predict": schema metadata)."""
     weights = {k_: (storage.redact(v) if isinstance(v, str) else v) for k_, v in info.weights.to_dict().items()}
     extra = {"tta": tta} if tta else {}
     return extra | {

@@ -1,6 +1,6 @@
 """Stage 1: list an input into shards, and read each shard's records (the readers are in :mod:`cnnbatch.readers`).
 
-Three input layouts (see CONTRACT.md): a folder tree of images (class sub-folders give labels, as Keras'
+Three input layouts (README, "Extract"): a folder tree of images (class sub-folders give labels, as Keras'
 ``flow_from_directory``), WebDataset ``.tar`` files and Parquet files with an ``image`` column. Shard ids
 are stable across reruns: folder shards are numbered chunks of the sorted key listing, file shards are named
 after their file. Listing streams; a folder shard holds only its own keys.
