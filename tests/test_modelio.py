@@ -147,3 +147,31 @@ def test_lambda_layers_are_found_at_any_depth_of_the_config() -> None:
         refuse_lambda_layers(archive(nested))
     refuse_lambda_layers(archive({"class_name": "Functional", "config": {"layers": []}}))
     refuse_lambda_layers(b"not a zip at all")  # not an archive: load_model says why
+
+
+def test_labels_txt_must_agree_with_the_manifest_even_with_its_checksum_updated(tmp_path: Path) -> None:
+    """A shortened labels.txt whose sha256 was updated in model.json would mislabel predictions: refused."""
+    folder = tmp_path / "m"
+    write_model_folder(str(folder), small_head(), small_model_info(("cats", "dogs")), {}, {})
+    manifest = json.loads((folder / modelio.MANIFEST_FILE).read_text())
+    (folder / modelio.LABELS_FILE).write_bytes(b"cats\n")
+    manifest["files"][modelio.LABELS_FILE] = modelio.sha256_bytes(b"cats\n")
+    (folder / modelio.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"labels.txt of model .* lists 1 labels \(cats\), model.json 2 "
+                                         r"\(cats, dogs\)"):
+        load_model_folder(str(folder))
+
+
+def test_a_format_1_folder_still_loads(tmp_path: Path) -> None:
+    """Folders written before fine-tuning existed: format cnnbatch-model/1, no augment or fine_tuned fields."""
+    folder = tmp_path / "m"
+    write_model_folder(str(folder), small_head(), small_model_info(), {}, {})
+    manifest = json.loads((folder / modelio.MANIFEST_FILE).read_text())
+    assert manifest["format"] == "cnnbatch-model/2"
+    manifest["format"] = "cnnbatch-model/1"
+    for name in ("augment", "fine_tuned"):
+        manifest.pop(name)
+    (folder / modelio.MANIFEST_FILE).write_text(json.dumps(manifest))
+    info, head = load_model_folder(str(folder))
+    assert info.augment is None and info.fine_tuned is None and not info.has_backbone_file
+    assert modelio.backbone_weights(str(folder), info) == info.weights and head.output_shape == (None, 2)

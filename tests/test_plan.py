@@ -120,3 +120,16 @@ def test_plan_counts_a_bucket(s3_env, sample_root: Path, tar_and_parquet: Path) 
     tars = run_plan(PlanConfig(input=f"s3://{bucket}/tars", image_size=TEST_IMAGE_SIZE,
                                images_per_second_per_device=1.0))
     assert (tars.count.shards, tars.count.images) == (2, 5)
+
+
+def test_augmented_views_count_k_plus_1_model_passes_per_image(sample_root: Path) -> None:
+    base = dict(input=str(sample_root / "train"), backbone="vgg16", image_size=TEST_IMAGE_SIZE,
+                images_per_second_per_device=120.0)
+    plain, views = run_plan(PlanConfig(**base)), run_plan(PlanConfig(**base, augment_views=5))
+    assert views.passes == 6 and plain.passes == 1
+    assert views.flops_per_image == 6 * plain.flops_per_image
+    assert views.images_per_second_per_device == pytest.approx(20.0) and views.hours == pytest.approx(6 * plain.hours)
+    assert views.output_bytes_raw == 6 * plain.output_bytes_raw
+    assert "6 model passes per image (the plain image and 5 augmented views)" in views.line()
+    with pytest.raises(ValueError, match="--augment-views must be 0 or more, got -1"):
+        PlanConfig(**base, augment_views=-1)
