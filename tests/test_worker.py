@@ -202,3 +202,41 @@ def test_a_failing_batch_fails_the_shard_and_the_next_shard_still_runs(tmp_path:
     with pytest.raises(RuntimeError, match="model failed"):
         process_shard(shard, MeanColourTask(), MeanColour(fail_on_call=2), output, "f", 2, 2)
     assert process_shard(shard, MeanColourTask(), MeanColour(), output, "f", 2, 2).rows == 12
+
+
+class ViewsTask(Task):
+    """Three model inputs per record (the image, its mirror, its negative); the record named ``broken`` cannot
+    make them."""
+
+    views, batch_size = 3, 4
+
+    def __init__(self, broken: str = "", wrong_shape: str = ""):
+        self.broken, self.wrong_shape = broken, wrong_shape
+
+    def variants(self, key, pixels):
+        if key == self.broken:
+            raise RuntimeError("no views for this one")
+        if key == self.wrong_shape:
+            return pixels[None]
+        return np.stack([pixels, pixels[:, ::-1], 255 - pixels])
+
+    def make_table(self, model, keys, labels, outputs):
+        assert outputs["embedding"].shape == (len(keys), 3, 3)  # every record with all of its views
+        mirrored = outputs["embedding"][:, 0]
+        assert np.allclose(outputs["embedding"][:, 1], mirrored, atol=1e-4)  # a mirror has the same mean colour
+        assert np.allclose(outputs["embedding"][:, 2], 255 - mirrored, atol=1e-3)
+        return embeddings_table(keys, labels, mirrored, feature_schema(3, {}))
+
+
+def test_a_record_that_cannot_make_its_views_is_an_error_row_never_a_partial_row(shard, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    keys = list(shard.paths)
+    output = OutputDataset(str(tmp_path / "out"))
+    stats = worker.process_shard(shard, ViewsTask(broken=keys[3], wrong_shape=keys[7]), MeanColour(), output, "f")
+    assert stats.rows == 18 and stats.errors == 2
+    errors = {e["key"]: e["error"] for e in pq.read_table(output.path + "/_errors").to_pylist()}
+    assert errors[keys[3]] == "cannot make its views: RuntimeError: no views for this one"
+    assert errors[keys[7]].startswith("cannot make its views: ValueError: made uint8 (1, 16, 16, 3), expected")
+    rows = pq.read_table(output.part_path(shard.shard_id)).column("key").to_pylist()
+    assert keys[3] not in rows and keys[7] not in rows and len(rows) == 18
