@@ -148,7 +148,7 @@ def augment_metadata(views: int, recipe: Recipe, seed: int) -> dict[str, Any]:
 
 
 def feature_metadata(model: ModelSpec, augment: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What every feature part records about how its vectors were made (README, "The feature dataset": schema metadata)."""
+    """What every feature part records about how its vectors were made (README, "The feature dataset")."""
     backbone = model.backbone_spec
     extra = {"augment": augment} if augment else {}
     return extra | {

@@ -154,5 +154,6 @@ def parquet_records(fs: fsspec.AbstractFileSystem, path: str, rel: str) -> Itera
                     key, key_error = keys.key(value, row)
                     error = key_error or error
                     yield Record(key, None if label is None else str(label),
-                                 _nothing if error or data is None else _constant(data), error=error)
+                                 _nothing if error or data is None else _constant(data), error=error,
+                                 nbytes=0 if error or data is None else len(data))
                     row += 1

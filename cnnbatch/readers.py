@@ -64,6 +64,7 @@ class Record:
     label: str | None
     load: Callable[[], bytes]
     error: str | None = field(default=None)  # set when the record is already known to be unusable
+    nbytes: int = 0  # bytes it already holds in memory (a tar member, a Parquet cell); 0 when load() reads them
 
 
 def _nothing() -> bytes:

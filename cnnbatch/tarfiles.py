@@ -181,7 +181,8 @@ class _TarReader:
         key = self.unique(candidate, ordinal)
         if key != candidate:  # only an earlier error row named after an odd member (``x#3``) can hold it
             error = f"key {candidate!r} is taken by an earlier error row of this tar; not used"
-        yield Record(key, label, _nothing if error else _constant(sample.data), error=error)
+        yield Record(key, label, _nothing if error else _constant(sample.data), error=error,
+                     nbytes=0 if error else len(sample.data))
 
 
 def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

@@ -81,23 +81,41 @@ def task_counts(task: ShardTask, labels: list[str | None], outputs: dict[str, np
     return dict(counts(labels, outputs)) if callable(counts) else {}
 
 
+def record_bytes(record: Record) -> int:
+    """Bytes a record holds in memory before it is decoded (tar members, Parquet cells; 0 for lazy reads)."""
+    return int(getattr(record, "nbytes", 0))
+
+
 def plain_variant(pixels: np.ndarray) -> np.ndarray:
     """One model input per record: the decoded image itself."""
     return pixels[np.newaxis]
 
 
-def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], in_flight: int) -> Iterator[R]:
-    """``pool.map`` that keeps at most ``in_flight`` items submitted (``Executor.map`` submits everything)."""
-    pending: collections.deque[Future[R]] = collections.deque()
+# Bytes of records already in memory (tar members, Parquet cells) submitted to the decode threads at once: with
+# the per-record and per-decode limits (readers.MAX_RECORD_BYTES, decode.MAX_DECODED_MB) this bounds an actor's
+# working set whatever the input holds.
+IN_FLIGHT_BYTES = 256 * 2**20
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], in_flight: int,
+                size: Callable[[T], int] | None = None, max_bytes: int = IN_FLIGHT_BYTES) -> Iterator[R]:
+    """``pool.map`` in order that keeps at most ``in_flight`` items submitted (``Executor.map`` submits
+    everything) and, with ``size``, at most ``max_bytes`` of them (but always at least one)."""
+    pending: collections.deque[tuple[Future[R], int]] = collections.deque()
+    held = 0
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= in_flight:
-                yield pending.popleft().result()
+            nbytes = size(item) if size is not None else 0
+            while pending and (len(pending) >= in_flight or held + nbytes > max_bytes):
+                future, done_bytes = pending.popleft()
+                held -= done_bytes
+                yield future.result()
+            pending.append((pool.submit(fn, item), nbytes))
+            held += nbytes
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:  # a failed shard leaves nothing queued on the (long-lived) pool
-        for future in pending:
+        for future, _ in pending:
             future.cancel()
 
 
@@ -207,7 +225,7 @@ def process_shard(shard: Shard, task: ShardTask, model: Any, output: OutputDatas
     in_flight = max(1, (1 + batches_in_flight) * batch_size // views) + decode_threads
     pool, model_pool = thread_pool("decode", decode_threads), thread_pool("model", 1)
     try:
-        for item in bounded_map(pool, load, iter_records(shard), in_flight=in_flight):
+        for item in bounded_map(pool, load, iter_records(shard), in_flight=in_flight, size=record_bytes):
             timing["read"] += item.read_s
             timing["decode"] += item.decode_s
             if views > 1:

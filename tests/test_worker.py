@@ -240,3 +240,30 @@ def test_a_record_that_cannot_make_its_views_is_an_error_row_never_a_partial_row
     assert errors[keys[7]].startswith("cannot make its views: ValueError: made uint8 (1, 16, 16, 3), expected")
     rows = pq.read_table(output.part_path(shard.shard_id)).column("key").to_pylist()
     assert keys[3] not in rows and keys[7] not in rows and len(rows) == 18
+
+
+def test_bounded_map_holds_at_most_its_byte_budget_of_records_in_memory() -> None:
+    """Records already in memory (tar members, Parquet cells) are submitted only while the bytes submitted and not
+    yet consumed fit the budget (one alone may exceed it): the decode threads' working set is bounded whatever
+    the input holds."""
+    from concurrent.futures import Future
+
+    sizes = [60, 30, 60, 10, 10, 200, 5]
+    submitted: list[int] = []
+    consumed: list[int] = []
+    in_flight_at_submit: list[int] = []
+
+    class RecordingPool:
+        def submit(self, fn, item):
+            in_flight_at_submit.append(sum(sizes[i] for i in submitted if i not in consumed) + sizes[item])
+            submitted.append(item)
+            future: Future = Future()
+            future.set_result(fn(item))
+            return future
+
+    for value in worker.bounded_map(RecordingPool(), lambda i: i, range(len(sizes)), in_flight=10,
+                                    size=lambda i: sizes[i], max_bytes=100):
+        consumed.append(value)
+    assert consumed == list(range(len(sizes)))  # in order, every item
+    assert in_flight_at_submit == [60, 90, 90, 100, 80, 200, 5]  # 200 goes alone, over the budget
+    assert max(b for b, i in zip(in_flight_at_submit, range(len(sizes)), strict=True) if sizes[i] <= 100) <= 100
