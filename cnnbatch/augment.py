@@ -132,9 +132,10 @@ def index_matrix(transform: Transform, height: int, width: int) -> np.ndarray:
     return swap @ matrix @ swap
 
 
-def extended_indices(length: int, margin: int, fill_mode: str) -> np.ndarray:
-    """For each of ``length + 2 * margin`` padded positions, the image index scipy.ndimage reads there."""
-    index = np.arange(-margin, length + margin)
+def extended_indices(length: int, margin: int, fill_mode: str, after: int | None = None) -> np.ndarray:
+    """For each of ``margin + length + after`` padded positions (``after`` defaults to ``margin``), the image index
+    scipy.ndimage reads there."""
+    index = np.arange(-margin, length + (margin if after is None else after))
     if fill_mode == "reflect":  # half-sample symmetric: -1 -> 0, n -> n - 1
         period = 2 * length
         folded = np.mod(index, period)
@@ -144,27 +145,46 @@ def extended_indices(length: int, margin: int, fill_mode: str) -> np.ndarray:
     return np.clip(index, 0, length - 1)  # nearest, and constant (its outside is masked after the warp)
 
 
-def warp(pixels: np.ndarray, transform: Transform, fill_mode: str = "nearest", cval: float = 0.0) -> np.ndarray:
-    """``(H, W, 3)`` uint8 -> the same shape: the affine warp (bilinear), then the horizontal flip."""
+def reach(matrix: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """How far outside the image (top, bottom, left, right, in pixels) a warp reads: the input index of each
+    output corner bounds it, plus two for the bilinear neighbours."""
+    corners = np.array([[r, c, 1.0] for r in (0, height - 1) for c in (0, width - 1)]) @ matrix.T
+    top, left = (int(math.ceil(max(0.0, -corners[:, axis].min()))) + 2 for axis in (0, 1))
+    bottom = int(math.ceil(max(0.0, corners[:, 0].max() - (height - 1)))) + 2
+    right = int(math.ceil(max(0.0, corners[:, 1].max() - (width - 1)))) + 2
+    return top, bottom, left, right
+
+
+def padded_image(pixels: np.ndarray, margins: tuple[int, int, int, int], fill_mode: str) -> Image.Image:
+    """The image with ``margins`` (top, bottom, left, right) filled as the fill mode reads outside it (two 1-D
+    takes: several times cheaper than one 2-D gather), as a Pillow image."""
+    top, bottom, left, right = margins
+    height, width = pixels.shape[:2]
+    rows = extended_indices(height, top, fill_mode, bottom)
+    cols = extended_indices(width, left, fill_mode, right)
+    return Image.fromarray(np.ascontiguousarray(np.take(np.take(pixels, rows, axis=0), cols, axis=1)))
+
+
+def warp(pixels: np.ndarray, transform: Transform, fill_mode: str = "nearest", cval: float = 0.0,
+         padded: tuple[Image.Image, tuple[int, int, int, int]] | None = None) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> the same shape: the affine warp (bilinear), then the horizontal flip. ``padded``:
+    the image already padded (by at least this warp's reach) and its margins, shared by a record's views."""
     height, width = pixels.shape[:2]
     out = pixels
     matrix = index_matrix(transform, height, width)
     if not np.allclose(matrix, np.eye(3)):
-        # Input index of each output corner: the warp reads inside their bounding box, which the padding covers.
-        corners = np.array([[r, c, 1.0] for r in (0, height - 1) for c in (0, width - 1)]) @ matrix.T
-        reach = max(0.0, -corners[:, :2].min(), corners[:, 0].max() - (height - 1),
-                    corners[:, 1].max() - (width - 1))
-        margin = int(math.ceil(reach)) + 2
-        rows, cols = extended_indices(height, margin, fill_mode), extended_indices(width, margin, fill_mode)
-        padded = pixels[rows[:, np.newaxis], cols[np.newaxis, :]]
+        if padded is None:
+            margins = reach(matrix, height, width)
+            padded = (padded_image(pixels, margins, fill_mode), margins)
+        image, (top, _, left, _) = padded
         # Pillow maps output pixel centres (x + 0.5, y + 0.5) to input coordinates, x = column: convert the index
-        # matrix (row, col) into that convention, shifted by the margin.
+        # matrix (row, col) into that convention, shifted by the margins.
         (a_rr, a_rc, o_r), (a_cr, a_cc, o_c) = matrix[0], matrix[1]
-        coefficients = (a_cc, a_cr, o_c + 0.5 - 0.5 * (a_cc + a_cr) + margin,
-                        a_rc, a_rr, o_r + 0.5 - 0.5 * (a_rc + a_rr) + margin)
-        image = Image.fromarray(np.ascontiguousarray(padded)).transform(
-            (width, height), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR)
-        out = np.asarray(image, dtype=np.uint8)
+        coefficients = (a_cc, a_cr, o_c + 0.5 - 0.5 * (a_cc + a_cr) + left,
+                        a_rc, a_rr, o_r + 0.5 - 0.5 * (a_rc + a_rr) + top)
+        warped = image.transform((width, height), Image.Transform.AFFINE, coefficients,
+                                 resample=Image.Resampling.BILINEAR)
+        out = np.asarray(warped, dtype=np.uint8)
         if fill_mode == "constant":
             out = _mask_outside(out, matrix, cval)
     if transform.flip_horizontal:
@@ -189,10 +209,15 @@ def _mask_outside(out: np.ndarray, matrix: np.ndarray, cval: float) -> np.ndarra
 def make_views(pixels: np.ndarray, recipe: Recipe, views: int, seed: int, key: str) -> np.ndarray:
     """``(views, H, W, 3)`` uint8: the record's augmented views, view ``v`` drawn from ``view_rng(seed, key, v)``."""
     height, width = pixels.shape[:2]
+    transforms = [draw_transform(recipe, height, width, view_rng(seed, key, view)) for view in range(views)]
+    # One padded image for all of the record's views, as far out as the furthest-reaching one reads.
+    reaches = [reach(index_matrix(t, height, width), height, width) for t in transforms]
+    margins = (max(r[0] for r in reaches), max(r[1] for r in reaches), max(r[2] for r in reaches),
+               max(r[3] for r in reaches))
+    padded = (padded_image(pixels, margins, recipe.fill_mode), margins)
     out = np.empty((views, *pixels.shape), dtype=np.uint8)
-    for view in range(views):
-        transform = draw_transform(recipe, height, width, view_rng(seed, key, view))
-        out[view] = warp(pixels, transform, recipe.fill_mode, recipe.cval)
+    for view, transform in enumerate(transforms):
+        out[view] = warp(pixels, transform, recipe.fill_mode, recipe.cval, padded)
     return out
 
 
