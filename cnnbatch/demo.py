@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extract = ExtractConfig(input=str(sample / "train"), output=str(features), backbone="vgg16",
                             weights=args.weights, image_size=DEMO_IMAGE_SIZE, batch_size=32, shard_size=40,
-                            workers=1, precision="float32")
+                            workers=1, precision="float32", overwrite=True)  # features of an older version: redo
     summary = run_extract(extract)
     if not summary.ok:
         print(f"demo: extraction failed: {summary.line()}", file=sys.stderr)
