@@ -4,8 +4,9 @@
 Each view's transform is drawn from a generator seeded by (seed, key, view index), so the same image gives the
 same views on any node, after any crash and rerun. It is applied to the decoded uint8 image as one affine warp
 (rotation, shift, shear and zoom composed about the centre, as ``ImageDataGenerator.apply_transform`` composes
-them), then the flip. The warp is Pillow's bilinear affine transform (C, releases the GIL) on the image padded as
-the fill mode asks, so it runs on the decode threads at a fraction of the model's cost per view.
+them), then the flip: OpenCV's SIMD bilinear warp for nearest, reflect and constant, Pillow's bilinear affine
+transform on the image padded as scipy's ``wrap`` reads it; both release the GIL and run on the decode threads,
+at a fraction of the model's cost per view.
 
 Shear is in degrees, as ``ImageDataGenerator`` reads ``shear_range`` (``keras.layers.RandomShear`` takes a
 fraction instead). The fill modes read outside the image exactly as scipy.ndimage (which ImageDataGenerator calls)
@@ -27,6 +28,10 @@ from PIL import Image
 from .config import option
 
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
+# Bump when the views' pixels change for the same recipe and seed: recorded with them (an output's fingerprint).
+VIEWS_VERSION = "opencv-pillow-bilinear-v1"
+# The fill modes OpenCV's borders give as scipy reads them (scipy's wrap has period n - 1: Pillow on a padded image)
+CV2_BORDERS = {"nearest": "BORDER_REPLICATE", "reflect": "BORDER_REFLECT", "constant": "BORDER_REPLICATE"}
 RECIPE_GROUP = "augmentation recipe (Keras ImageDataGenerator's arguments)"
 RECIPE_FLAGS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range",
                 "horizontal_flip", "fill_mode")
@@ -165,14 +170,33 @@ def padded_image(pixels: np.ndarray, margins: tuple[int, int, int, int], fill_mo
     return Image.fromarray(np.ascontiguousarray(np.take(np.take(pixels, rows, axis=0), cols, axis=1)))
 
 
+def _cv2() -> Any:
+    import cv2
+
+    cv2.setNumThreads(1)  # views are made on the decode threads already: no thread pool of its own
+    return cv2
+
+
 def warp(pixels: np.ndarray, transform: Transform, fill_mode: str = "nearest", cval: float = 0.0,
          padded: tuple[Image.Image, tuple[int, int, int, int]] | None = None) -> np.ndarray:
     """``(H, W, 3)`` uint8 -> the same shape: the affine warp (bilinear), then the horizontal flip. ``padded``:
-    the image already padded (by at least this warp's reach) and its margins, shared by a record's views."""
+    the image already padded (by at least this warp's reach) and its margins, shared by a record's views (the
+    ``wrap`` path; the other fill modes are OpenCV's borders and need no padding)."""
     height, width = pixels.shape[:2]
     out = pixels
     matrix = index_matrix(transform, height, width)
-    if not np.allclose(matrix, np.eye(3)):
+    if not np.allclose(matrix, np.eye(3)) and fill_mode in CV2_BORDERS:
+        # OpenCV's SIMD warp (src = M @ dst in (x = col, y = row), bilinear): scipy's nearest/reflect are its
+        # replicate/reflect borders; constant blends across the edge there, so the outside is masked after.
+        cv2 = _cv2()
+        (a_rr, a_rc, o_r), (a_cr, a_cc, o_c) = matrix[0], matrix[1]
+        forward = np.array([[a_cc, a_cr, o_c], [a_rc, a_rr, o_r]], dtype=np.float64)
+        out = cv2.warpAffine(np.ascontiguousarray(pixels), forward, (width, height),
+                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=getattr(cv2, CV2_BORDERS[fill_mode]), borderValue=0)
+        if fill_mode == "constant":
+            out = _mask_outside(out, matrix, cval)
+    elif not np.allclose(matrix, np.eye(3)):
         if padded is None:
             margins = reach(matrix, height, width)
             padded = (padded_image(pixels, margins, fill_mode), margins)
@@ -210,6 +234,11 @@ def make_views(pixels: np.ndarray, recipe: Recipe, views: int, seed: int, key: s
     """``(views, H, W, 3)`` uint8: the record's augmented views, view ``v`` drawn from ``view_rng(seed, key, v)``."""
     height, width = pixels.shape[:2]
     transforms = [draw_transform(recipe, height, width, view_rng(seed, key, view)) for view in range(views)]
+    if recipe.fill_mode in CV2_BORDERS:  # OpenCV reads outside the image itself
+        out = np.empty((views, *pixels.shape), dtype=np.uint8)
+        for view, transform in enumerate(transforms):
+            out[view] = warp(pixels, transform, recipe.fill_mode, recipe.cval)
+        return out
     # One padded image for all of the record's views, as far out as the furthest-reaching one reads.
     reaches = [reach(index_matrix(t, height, width), height, width) for t in transforms]
     margins = (max(r[0] for r in reaches), max(r[1] for r in reaches), max(r[2] for r in reaches),

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .augment import RECIPE_FLAGS, Recipe, RecipeOptions, with_views
+from .augment import RECIPE_FLAGS, VIEWS_VERSION, Recipe, RecipeOptions, with_views
 from .backbones import BACKBONES, get_backbone
 from .batching import auto_batch_size
 from .cluster import resolve_precision_for_workers
@@ -144,7 +144,7 @@ class ExtractTask:
 
 def augment_metadata(views: int, recipe: Recipe, seed: int) -> dict[str, Any]:
     """How the augmented views were made: recorded in the metadata and the fingerprint (absent without views)."""
-    return {"views": views, "recipe": recipe.to_dict(), "seed": seed}
+    return {"views": views, "recipe": recipe.to_dict(), "seed": seed, "version": VIEWS_VERSION}
 
 
 def feature_metadata(model: ModelSpec, augment: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .augment import Recipe, with_views
+from .augment import VIEWS_VERSION, Recipe, with_views
 from .batching import auto_batch_size
 from .decode import DECODE_VERSION
 from .modelio import ModelError, ModelInfo, backbone_weights, load_model_folder
@@ -42,7 +42,7 @@ def prediction_table(keys: list[str], probabilities: np.ndarray, labels: tuple[s
 
 def tta_metadata(views: int, recipe: Recipe, seed: int) -> dict[str, Any]:
     """Test-time augmentation: recorded in the metadata and the fingerprint (absent without it)."""
-    return {"views": views, "recipe": recipe.to_dict(), "seed": seed}
+    return {"views": views, "recipe": recipe.to_dict(), "seed": seed, "version": VIEWS_VERSION}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from cnnbatch.augment import CLASSIC
+from cnnbatch.augment import CLASSIC, VIEWS_VERSION
 from cnnbatch.extract import ExtractConfig, prepare_extract, run_extract
 from cnnbatch.output import OutputError
 from cnnbatch.parquetio import read_metadata
@@ -69,7 +69,8 @@ def test_views_are_the_same_in_two_runs_and_recorded_in_the_metadata(extracted: 
     assert first.column("augmented_embeddings").equals(second.column("augmented_embeddings"))
     part = sorted(extracted["views"].glob("part-*.parquet"))[0]
     metadata = read_metadata(pq.read_schema(part))
-    assert metadata["augment"] == {"views": VIEWS, "recipe": CLASSIC.to_dict(), "seed": 1337}
+    assert metadata["augment"] == {"views": VIEWS, "recipe": CLASSIC.to_dict(), "seed": 1337,
+                                   "version": VIEWS_VERSION}
     assert "augment" not in read_metadata(pq.read_schema(sorted(extracted["plain"].glob("part-*.parquet"))[0]))
 
 
@@ -132,7 +133,8 @@ def test_train_uses_every_view_of_the_training_rows_and_plain_validation(models:
     assert with_views["train"]["rows"] == rows["train"]
     manifest = json.loads((models["views"] / "model.json").read_text())
     assert manifest["format"] == "cnnbatch-model/2"
-    assert manifest["augment"] == {"views": VIEWS, "recipe": CLASSIC.to_dict(), "seed": 1337}
+    assert manifest["augment"] == {"views": VIEWS, "recipe": CLASSIC.to_dict(), "seed": 1337,
+                                   "version": VIEWS_VERSION}
     assert json.loads((models["none"] / "model.json").read_text())["augment"] is None
 
 
@@ -147,7 +149,8 @@ def test_predict_with_test_time_augmentation(models: dict[str, Path], sample_roo
     assert p0.column("key").equals(p2.column("key"))
     assert not np.allclose(p0.column("probability").to_numpy(), p2.column("probability").to_numpy())
     metadata = read_metadata(pq.read_schema(sorted((tmp_path / "p2").glob("part-*.parquet"))[0]))
-    assert metadata["tta"] == {"views": 2, "recipe": CLASSIC.to_dict(), "seed": 1337}  # the model's recipe
+    assert metadata["tta"] == {"views": 2, "recipe": CLASSIC.to_dict(), "seed": 1337,
+                                   "version": VIEWS_VERSION}  # the model's recipe
     assert "tta" not in read_metadata(pq.read_schema(sorted((tmp_path / "p0").glob("part-*.parquet"))[0]))
     again = run_predict(PredictConfig(model=str(models["views"]), input=str(holdout), output=str(tmp_path / "p2"),
                                       batch_size=8, workers=1, tta=2))
