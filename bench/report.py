@@ -140,9 +140,13 @@ def learning_section(r: dict[str, Any]) -> list[str]:
             f"- A2: a view costs {1000 * cost['seconds_per_view']:.2f} ms on one decode thread at {cost['image_size']} px "
             f"(the classic recipe, 10 views per image), the bare model {1000 * cost['model_seconds_per_view']:.1f} ms "
             f"per image there: **{100 * cost['ratio']:.1f}%**.",
-            f"- F2: fine-tuning trained {_fmt(tuned['train_images_per_second'])} images/s (its fastest epoch, "
-            f"decoding and views included), a bare Keras `fit` of the same model and trainable layers on ready "
-            f"float32 tensors {_fmt(learning['bare_fit_images_per_second'])}: **{learning['fit_ratio']:.2f}**.",
+            f"- F2: fine-tuning trained {_fmt(tuned['train_images_per_second'])} images/s in its fastest epoch "
+            f"(views included; epochs {', '.join(_fmt(v) for v in tuned.get('epoch_images_per_second', []))}: the "
+            f"first read and decoded the images, the later ones took the "
+            f"{tuned.get('decoded_images_cached', {}).get('images', 0)} decoded images from memory, `--cache-mb`), a "
+            f"bare Keras `fit` of the same model and trainable layers on ready float32 tensors, as many images, best "
+            f"of {', '.join(_fmt(v) for v in learning.get('bare_fit_runs', []))}: "
+            f"{_fmt(learning['bare_fit_images_per_second'])}: **{learning['fit_ratio']:.2f}**.",
             "- With random weights the frozen features are weak and fine-tuning their top block from them moves "
             "little or loses accuracy at any but tiny learning rates (larger ones diverged within an epoch here); "
             "the recipe's gain from fine-tuning comes with pretrained (ImageNet) weights, which this offline "

@@ -17,6 +17,7 @@ outside the image (no blending across the edge).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass, replace
@@ -170,11 +171,20 @@ def padded_image(pixels: np.ndarray, margins: tuple[int, int, int, int], fill_mo
     return Image.fromarray(np.ascontiguousarray(np.take(np.take(pixels, rows, axis=0), cols, axis=1)))
 
 
+@functools.cache
 def _cv2() -> Any:
     import cv2
 
     cv2.setNumThreads(1)  # views are made on the decode threads already: no thread pool of its own
     return cv2
+
+
+def _is_identity(matrix: np.ndarray) -> bool:
+    """``np.allclose(matrix, eye(3))`` (its default tolerances), without its overhead: once per view."""
+    return bool((np.abs(matrix - _EYE) <= 1e-8 + 1e-5 * _EYE).all())
+
+
+_EYE = np.eye(3)
 
 
 def warp(pixels: np.ndarray, transform: Transform, fill_mode: str = "nearest", cval: float = 0.0,
@@ -185,7 +195,8 @@ def warp(pixels: np.ndarray, transform: Transform, fill_mode: str = "nearest", c
     height, width = pixels.shape[:2]
     out = pixels
     matrix = index_matrix(transform, height, width)
-    if not np.allclose(matrix, np.eye(3)) and fill_mode in CV2_BORDERS:
+    identity = _is_identity(matrix)
+    if not identity and fill_mode in CV2_BORDERS:
         # OpenCV's SIMD warp (src = M @ dst in (x = col, y = row), bilinear): scipy's nearest/reflect are its
         # replicate/reflect borders; constant blends across the edge there, so the outside is masked after.
         cv2 = _cv2()
@@ -196,7 +207,7 @@ def warp(pixels: np.ndarray, transform: Transform, fill_mode: str = "nearest", c
                              borderMode=getattr(cv2, CV2_BORDERS[fill_mode]), borderValue=0)
         if fill_mode == "constant":
             out = _mask_outside(out, matrix, cval)
-    elif not np.allclose(matrix, np.eye(3)):
+    elif not identity:
         if padded is None:
             margins = reach(matrix, height, width)
             padded = (padded_image(pixels, margins, fill_mode), margins)

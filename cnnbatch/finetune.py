@@ -41,7 +41,7 @@ from .finetunefit import (
 )
 from .fitting import evaluate_batches, rounded_history
 from .head import OPTIMIZERS
-from .imagestream import ImageSetError, ImageSplit, ImageStream, split_images
+from .imagestream import DecodedImages, ImageSetError, ImageSplit, ImageStream, split_images
 from .modelinfo import BACKBONE_FILE, CONFUSION_FILE, CURVE_FILE, METRICS_FILE, ModelError, ModelInfo
 from .modelio import (
     backbone_weights,
@@ -58,6 +58,8 @@ from .tfruntime import keras_module, placement, tensorflow
 from .weights import WeightsRef
 
 log = logging.getLogger(__name__)
+# Settings that change how fast a fit runs, not what it computes: a run resumes its checkpoints across them
+RUN_INDEPENDENT = ("cache_mb",)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class FinetuneConfig(RecipeOptions):
                               "node's; 0 on a CPU-only cluster)", None, metavar="N")
     cpu_replicas: int = option("without GPUs: split the CPU into N devices and fit data-parallel over them (the "
                                "code path several GPUs take)", 1, metavar="N")
+    cache_mb: int = option("decoded images kept in memory between epochs, in MiB, so that later epochs only draw "
+                           "their views (0: read and decode every image every epoch)", 1024, metavar="MB")
     overwrite: bool = option("replace a model already at --output", False)
 
     def __post_init__(self) -> None:
@@ -99,6 +103,7 @@ class FinetuneConfig(RecipeOptions):
         require(self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}")
         require(self.gpus is None or self.gpus >= 0, f"--gpus must be 0 or more, got {self.gpus}")
         require(self.cpu_replicas >= 1, f"--cpu-replicas must be at least 1, got {self.cpu_replicas}")
+        require(self.cache_mb >= 0, f"--cache-mb must be 0 or more, got {self.cache_mb}")
         require(self.batch_size >= self.cpu_replicas, f"--batch-size {self.batch_size} is smaller than "
                 f"--cpu-replicas {self.cpu_replicas}: every replica needs images")
         self.check_recipe()
@@ -174,7 +179,8 @@ def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
     gpus = one_node_gpus(config.gpus)
     if gpus == 0 and config.gpus is None:
         log.info("no GPU in the cluster: fine-tuning on the CPU (%d replica(s))", config.cpu_replicas)
-    run_id = fingerprint_of({"kind": "finetune", "config": to_dict(config), "start": digest, "seed": seed,
+    fitted = {name: value for name, value in to_dict(config).items() if name not in RUN_INDEPENDENT}
+    run_id = fingerprint_of({"kind": "finetune", "config": fitted, "start": digest, "seed": seed,
                              "validation_split": split})
     return FinetunePlan(config, info, digest, seed, split, config.recipe(base), gpus, run_id)
 
@@ -218,7 +224,9 @@ def execute_finetune(plan: FinetunePlan) -> FinetuneSummary:
                             f"{split.validation_rows} labelled ones in {storage.redact(config.input)}")
     log.info("images: %d training, %d validation (%d unlabelled left out)", split.train_rows, split.validation_rows,
              split.unlabelled)
-    stream = ImageStream(config.input, config.shard_size, split, info.image_size, threads=max(2, os.cpu_count() or 2))
+    cache = DecodedImages(config.cache_mb * 2**20)
+    stream = ImageStream(config.input, config.shard_size, split, info.image_size, threads=max(2, os.cpu_count() or 2),
+                         cache=cache)
     spec = get_backbone(info.backbone)
     preprocess = spec.preprocess_fn()
     with strategy.scope():
@@ -312,6 +320,9 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
     evaluations = {name: evaluate_batches(predict, stream.batches(validation, config.batch_size), info.labels)
                    for name, validation in (("train", False), ("validation", True))}
     where = placement()
+    if stream.cache is not None:
+        log.info("decoded images kept between epochs: %d (%.1f of %.0f MiB; --cache-mb)", len(stream.cache),
+                 stream.cache.used_bytes / 2**20, stream.cache.budget_bytes / 2**20)
     with tempfile.TemporaryDirectory(prefix="cnnbatch-backbone-") as tmp:
         path = os.path.join(tmp, BACKBONE_FILE)
         backbone.save_weights(path)
@@ -334,6 +345,7 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
         "fit": {**where, "replicas": summary.replicas, "trainable_from": first, "seconds": round(summary.seconds, 3),
                 "resumed_from_epoch": state["resumed_from_epoch"], "replica_max_difference": 0.0,
                 "epoch_train_seconds": [round(t, 3) for t in epochs.train_seconds],
+                "decoded_images_cached": _cache_figures(stream.cache),
                 "train_images_per_second": round(split.train_rows / min(epochs.train_seconds), 2)
                 if epochs.train_seconds else None},
         "config": to_dict(config), "recipe": plan.recipe.to_dict(), "summary": asdict(summary),
@@ -349,6 +361,13 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
                        backbone_weights=weights_bytes)
     Checkpoints(config.output, plan.run_id).remove()
     return summary
+
+
+def _cache_figures(cache: DecodedImages | None) -> dict[str, Any]:
+    if cache is None:
+        return {"images": 0, "mib": 0.0, "budget_mib": 0.0}
+    return {"images": len(cache), "mib": round(cache.used_bytes / 2**20, 1),
+            "budget_mib": round(cache.budget_bytes / 2**20, 1)}
 
 
 def _plain_copy(head: Any) -> Any:

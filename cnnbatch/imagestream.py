@@ -3,15 +3,17 @@ and per-epoch streams of decoded (and, for training, freshly augmented) images i
 
 The listing, reading and decoding are extract's (shards.py, decode.py, the worker's bounded thread pool): the same
 keys, labels and pixels. The split is ``train``'s rule (head.stratified_split over seeded key hashes, exact per
-class), so the images held out are the ones the head was validated on when every image decodes. Only the held-out
-keys stay in memory between epochs; images stream from storage every epoch and at most a shuffle buffer of
-decoded images is held.
+class), so the images held out are the ones the head was validated on when every image decodes. Between epochs
+the held-out keys stay in memory, and the decoded images (before any view is drawn) as far as a byte budget
+allows (``DecodedImages``): the rest stream from storage every epoch. Cached or not, an epoch's batches are the
+same: the order and the views depend only on the seed, the epoch and the listing.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +93,41 @@ def check_labels(model_labels: Sequence[str], found: Sequence[str]) -> None:
                             f"do not cover the model's {len(expected)} classes; give an input with every class")
 
 
+class DecodedImages:
+    """Decoded images kept between epochs, first come first kept, while their bytes fit ``budget_bytes``; and
+    the keys that did not decode (left out every epoch, reported once)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = max(0, int(budget_bytes))
+        self.used_bytes = 0
+        self._images: dict[str, np.ndarray] = {}
+        self._failed: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self._images.get(key)
+
+    def failed(self, key: str) -> bool:
+        return key in self._failed
+
+    def put(self, key: str, pixels: np.ndarray) -> bool:
+        """Keep ``pixels`` (read-only from now on) if they fit the budget; whether they were kept."""
+        with self._lock:
+            if key in self._images or self.used_bytes + pixels.nbytes > self.budget_bytes:
+                return False
+            pixels.setflags(write=False)
+            self._images[key] = pixels
+            self.used_bytes += pixels.nbytes
+            return True
+
+    def put_failed(self, key: str) -> None:
+        with self._lock:
+            self._failed.add(key)
+
+
 @dataclass(frozen=True)
 class ImageStream:
     """Batches of ``(uint8 images (N, S, S, 3), classes (N,))`` of one split, re-read from storage every epoch."""
@@ -100,6 +137,7 @@ class ImageStream:
     split: ImageSplit
     image_size: int
     threads: int = 2
+    cache: DecodedImages | None = None  # decoded images kept between epochs (None: decode every epoch)
 
     def batches(self, validation: bool, batch_size: int, epoch: int | None = None, recipe: Recipe | None = None,
                 seed: int = 0, multiple: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -116,12 +154,22 @@ class ImageStream:
         def wanted(record: Record) -> bool:
             return record.label in index and (record.key in self.split.validation_keys) == validation
 
+        cache = self.cache
+
         def load(record: Record) -> tuple[np.ndarray | None, int]:
-            try:
-                pixels = decode_image(record.load(), self.image_size)
-            except (DecodeError, OSError) as exc:
-                log.warning("%s is left out of the fit: %s", record.key, exc)
-                return None, -1
+            pixels = cache.get(record.key) if cache is not None else None
+            if pixels is None:
+                if cache is not None and cache.failed(record.key):
+                    return None, -1
+                try:
+                    pixels = decode_image(record.load(), self.image_size)
+                except (DecodeError, OSError) as exc:
+                    log.warning("%s is left out of the fit: %s", record.key, exc)
+                    if cache is not None and isinstance(exc, DecodeError):  # a failed read is tried again
+                        cache.put_failed(record.key)
+                    return None, -1
+                if cache is not None:
+                    cache.put(record.key, pixels)
             if recipe is not None and epoch is not None and not validation:
                 transform = draw_transform(recipe, self.image_size, self.image_size,
                                            view_rng(seed, record.key, epoch))

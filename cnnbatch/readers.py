@@ -114,19 +114,28 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def local_target(path: str, real_root: str, limit: int | None) -> tuple[str, str | None]:
+def local_target(path: str, real_root: str, limit: int | None,
+                 real_folders: dict[str, str] | None = None) -> tuple[str, str | None]:
     """``(path to open, None)`` for a local input that may be read, else ``("", why not)``.
 
     Symlinks are followed only to a regular file inside ``real_root`` (the input root, resolved); the path is
     resolved whole, so a symlinked folder on the way counts too. With ``limit``, a file over it is refused here,
-    before it is opened. A path that has vanished is left to the read, which reports it.
+    before it is opened. A path that has vanished is left to the read, which reports it. ``real_folders``: the
+    folders already resolved in this listing (one listing's files share their folders' resolution).
     """
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return path, None
     link = stat.S_ISLNK(info.st_mode)
-    real = os.path.realpath(path)
+    if link or real_folders is None:
+        real = os.path.realpath(path)
+    else:  # not a link itself: the file is where its folder resolves to
+        folder, name = os.path.split(path)
+        real_folder = real_folders.get(folder)
+        if real_folder is None:
+            real_folder = real_folders[folder] = os.path.realpath(folder)
+        real = os.path.join(real_folder, name)
     if not _within(real, real_root):
         if link:
             return "", f"symlink to outside the input root, not followed (-> {os.readlink(path)!r})"
@@ -177,13 +186,14 @@ def folder_records(fs: fsspec.AbstractFileSystem, root: str, keys: tuple[str, ..
     limit = MAX_RECORD_BYTES
     local = storage.is_local(fs)
     real_root = os.path.realpath(root) if local else ""
+    real_folders: dict[str, str] = {}
     for key in keys:
         path = f"{root}/{key}"
         label = folder_label(key)
         if not local:
             yield Record(key, label, functools.partial(_read_remote, fs, path, limit))
             continue
-        target, problem = local_target(path, real_root, limit)
+        target, problem = local_target(path, real_root, limit, real_folders)
         if problem:
             yield Record(key, label, _nothing, error=problem)
         else:

@@ -3,6 +3,7 @@ epoch streams give every image once per pass, views drawn afresh per epoch and t
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from cnnbatch.augment import CLASSIC
 from cnnbatch.head import VALIDATION, encode_labels, key_hashes, stratified_split
-from cnnbatch.imagestream import ImageSetError, ImageStream, check_labels, split_images
+from cnnbatch.imagestream import DecodedImages, ImageSetError, ImageStream, check_labels, split_images
 from cnnbatch.sample import write_sample
 from cnnbatch.shards import iter_records, list_shards
 
@@ -80,3 +81,40 @@ def test_views_are_fresh_each_epoch_and_the_same_on_a_rerun(images: Path) -> Non
     assert not set(first) & set(second)  # every image is another view in another epoch
     plain = {x.tobytes() for xs, _ in stream.batches(False, 5) for x in xs}
     assert not set(first) & plain and len(plain) == images_in_a_pass
+
+
+def _passes(stream: ImageStream, epochs: int) -> list[list[tuple[bytes, bytes]]]:
+    """Every batch of ``epochs`` training passes (with views) and a held-out pass, as bytes, in order."""
+    out = [[(x.tobytes(), y.tobytes()) for x, y in stream.batches(False, 4, epoch=e, recipe=CLASSIC, seed=3)]
+           for e in range(epochs)]
+    return out + [[(x.tobytes(), y.tobytes()) for x, y in stream.batches(True, 4)]]
+
+
+def test_cached_epochs_are_the_same_batches_and_read_nothing(images: Path, tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    shutil.copytree(images, root)
+    split = split_images(str(root), 5, LABELS, seed=3, validation_split=0.25)
+    expected = _passes(ImageStream(str(root), 5, split, image_size=32), 3)
+    cache = DecodedImages(2**20)
+    cached = ImageStream(str(root), 5, split, image_size=32, cache=cache)
+    assert _passes(cached, 3) == expected  # the passes that fill the cache
+    decodable = split.train_rows + split.validation_rows - 1
+    assert len(cache) == decodable and cache.used_bytes == decodable * 32 * 32 * 3
+    assert cache.failed("dots/broken.jpg")
+    for path in root.rglob("*.*"):  # from now on every file is unreadable as an image
+        path.write_bytes(b"gone")
+    assert _passes(cached, 3) == expected  # the same order, the same views, from memory
+    assert sum(len(batch) for batch in _passes(ImageStream(str(root), 5, split, image_size=32), 1)) == 0
+
+
+def test_a_cache_over_its_budget_keeps_what_fits_and_decodes_the_rest(images: Path) -> None:
+    split = split_images(str(images), 5, LABELS, seed=3, validation_split=0.25)
+    expected = _passes(ImageStream(str(images), 5, split, image_size=32), 2)
+    cache = DecodedImages(5 * 32 * 32 * 3 + 100)
+    stream = ImageStream(str(images), 5, split, image_size=32, cache=cache)
+    assert _passes(stream, 2) == expected and _passes(stream, 2) == expected
+    assert len(cache) == 5 and cache.used_bytes == 5 * 32 * 32 * 3
+    kept = next(iter(cache._images.values()))
+    with pytest.raises(ValueError):  # cached pixels are read-only: a view never changes them
+        kept[0, 0, 0] = 1
+    assert len(DecodedImages(0)) == 0 and not DecodedImages(0).put("k", np.zeros((2, 2, 3), np.uint8))
