@@ -88,7 +88,7 @@ ray-stop: install ## stop Ray on this machine (ray stop: every Ray process of th
 	$(VENV)/bin/ray stop
 
 .PHONY: bench
-bench: install ## measure the performance figures side by side (~13 min on 2 cores) into docs/benchmarks.md
+bench: install ## measure the performance figures side by side (~16 min on 2 cores) into docs/benchmarks.md
 	$(PY) -m bench.run
 
 submit-train: install ## submit train to RAY_ADDRESS (starts nothing): make submit-train FEATURES=... MODEL=...

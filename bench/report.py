@@ -124,7 +124,7 @@ def learning_section(r: dict[str, Any]) -> list[str]:
     if not learning:
         return []
     plain, views, tuned = learning["head_plain"], learning["head_views"], learning["finetune"]
-    cost = learning["views_cost"]
+    cost, ab = learning["views_cost"], learning["fit_ab"]
     return ["## Augmented views and fine-tuning (A1, A2, F1, F2)", "",
             f"On a real labelled image set that a package ships: {learning['dataset']}, as {learning['image_size']} px "
             f"PNGs, VGG16 with seeded random weights (no ImageNet download here), the default head. Recipe for "
@@ -140,13 +140,16 @@ def learning_section(r: dict[str, Any]) -> list[str]:
             f"- A2: a view costs {1000 * cost['seconds_per_view']:.2f} ms on one decode thread at {cost['image_size']} px "
             f"(the classic recipe, 10 views per image), the bare model {1000 * cost['model_seconds_per_view']:.1f} ms "
             f"per image there: **{100 * cost['ratio']:.1f}%**.",
-            f"- F2: fine-tuning trained {_fmt(tuned['train_images_per_second'])} images/s in its fastest epoch "
-            f"(views included; epochs {', '.join(_fmt(v) for v in tuned.get('epoch_images_per_second', []))}: the "
-            f"first read and decoded the images, the later ones took the "
-            f"{tuned.get('decoded_images_cached', {}).get('images', 0)} decoded images from memory, `--cache-mb`), a "
-            f"bare Keras `fit` of the same model and trainable layers on ready float32 tensors, as many images, best "
-            f"of {', '.join(_fmt(v) for v in learning.get('bare_fit_runs', []))}: "
-            f"{_fmt(learning['bare_fit_images_per_second'])}: **{learning['fit_ratio']:.2f}**.",
+            f"- F2: fine-tuning's own input (imagestream: listing, the decoded images kept between epochs, a fresh "
+            f"view per image per epoch, preprocessing) through the fit against ready float32 tensors of as many "
+            f"images ({ab['images']}), the same compiled model (block5 and the head trainable, batch 32), "
+            f"alternating epochs in one process: {', '.join(_fmt(v) for v in ab['stream_images_per_second'])} "
+            f"against {', '.join(_fmt(v) for v in ab['ready_images_per_second'])} images/s, median ratio "
+            f"**{learning['fit_ratio']:.2f}**. The job itself (a Ray task; epochs "
+            f"{', '.join(_fmt(v) for v in tuned.get('epoch_images_per_second', []))} images/s, the first reading "
+            f"and decoding, the later ones from memory, `--cache-mb`) trained {_fmt(tuned['train_images_per_second'])} "
+            f"images/s in its fastest epoch: {learning['job_fit_ratio']:.2f} of the best bare epoch above, minutes "
+            f"and processes apart.",
             "- With random weights the frozen features are weak and fine-tuning their top block from them moves "
             "little or loses accuracy at any but tiny learning rates (larger ones diverged within an epoch here); "
             "the recipe's gain from fine-tuning comes with pretrained (ImageNet) weights, which this offline "
