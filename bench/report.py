@@ -96,7 +96,11 @@ def markdown(r: dict[str, Any], gpu: dict[str, Any] | None, chart_name: str) -> 
             f"- Shared machine: other processes used {r['foreign_cpu']['mean']:.2f} CPU cores on average during the "
             f"measured runs (at most {r['foreign_cpu']['max']:.2f}); load average "
             f"{m['load_average_at_start'][0]:.1f} at the start, {m['load_average_at_end'][0]:.1f} at the end. "
-            "Every measured process ran at the same priority (Ray workers otherwise run at nice 15).", ""]
+            "Every measured process ran at the same priority (Ray workers otherwise run at nice 15)."
+            + (f" The hypervisor gave {100 * m['steal_share']:.1f}% of this machine's CPU time to other guests during "
+               "the run (steal time): a single-thread loop's speed swung by 20-30% within minutes here, so figures "
+               "measured minutes apart carry that noise; the ratios measured in alternation do not."
+               if m.get("steal_share") is not None else ""), ""]
     out += throughput_section(r) + small_section(r) + decode_section(r) + memory_section(r) + output_section(r)
     out += learning_section(r) + fast_path_section(r, gpu)
     out += runs_section(r)

@@ -113,6 +113,24 @@ class Bench:
         return max(r.result["images_per_second"] for r in self.runs[name])
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq,
+    steal, ...), in ticks; empty where there is no /proc/stat."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+def steal_share(start: list[int], end: list[int]) -> float | None:
+    """The share of CPU time the hypervisor gave to other guests between two readings (a virtual machine on a busy
+    host runs slower by about that much, whatever its own load); None where unknown."""
+    if len(start) < 8 or len(end) < 8:
+        return None
+    total = sum(end[:8]) - sum(start[:8])
+    return (end[7] - start[7]) / total if total > 0 else None
+
+
 def machine() -> dict[str, Any]:
     psutil = psutil_module()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -123,7 +141,7 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "bf16": [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()],
             "os": platform.platform(), "versions": library_versions(),
-            "load_average_at_start": os.getloadavg()}
+            "load_average_at_start": os.getloadavg(), "cpu_times_at_start": cpu_times()}
 
 
 def run(config: BenchConfig, work: Path) -> dict[str, Any]:
@@ -220,6 +238,7 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
                               / sum(len(rs) for rs in bench.runs.values()),
                               "max": max(r.foreign_cpu for rs in bench.runs.values() for r in rs)}
     results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["machine"]["steal_share"] = steal_share(results["machine"]["cpu_times_at_start"], cpu_times())
     results["bench_seconds"] = time.perf_counter() - started
     return results
 
