@@ -97,9 +97,10 @@ def markdown(r: dict[str, Any], gpu: dict[str, Any] | None, chart_name: str) -> 
             f"measured runs (at most {r['foreign_cpu']['max']:.2f}); load average "
             f"{m['load_average_at_start'][0]:.1f} at the start, {m['load_average_at_end'][0]:.1f} at the end. "
             "Every measured process ran at the same priority (Ray workers otherwise run at nice 15)."
-            + (f" The hypervisor gave {100 * m['steal_share']:.1f}% of this machine's CPU time to other guests during "
-               "the run (steal time): a single-thread loop's speed swung by 20-30% within minutes here, so figures "
-               "measured minutes apart carry that noise; the ratios measured in alternation do not."
+            + (f" Steal time (CPU the hypervisor gave to other guests) was {100 * m['steal_share']:.1f}% over the "
+               "run; apart from it, a single-thread loop's speed was seen to swing by 20-30% within minutes on this "
+               "host (2 Dec 2026), so figures measured minutes apart carry that noise, which the ratios measured in "
+               "alternation (D1, F2, the worker A/B) cancel."
                if m.get("steal_share") is not None else ""), ""]
     out += throughput_section(r) + small_section(r) + decode_section(r) + memory_section(r) + output_section(r)
     out += learning_section(r) + fast_path_section(r, gpu)

@@ -4,8 +4,9 @@ were trained with the head, on augmented images (the second half of the transfer
 The driver checks the starting model (checksums, safe loading) and the output, and decides the GPUs: all of one
 node's (Keras 3 cannot ``fit`` across nodes: MultiWorkerMirroredStrategy, keras-team/keras#20585). The fit runs as
 one Ray task in a process of its own (cluster.run_on_worker), data-parallel over that node's GPUs with
-MirroredStrategy: the images stream from the input every epoch (imagestream.py) with the recipe's views drawn
-afresh, the model is checkpointed each epoch (finetunefit.py), and the model folder is written once, at the end.
+MirroredStrategy: the images stream from the input (imagestream.py; decoded ones kept between epochs within
+--cache-mb) with the recipe's views drawn afresh, the model is checkpointed each epoch (finetunefit.py), and the
+model folder is written once, at the end.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ from .finetunefit import (
     EpochState,
     FitError,
     check_finite,
+    compiled_images_predict,
     fine_tune_model,
+    finetune_optimizer,
     guard_normalization,
     make_strategy,
+    plain_copy,
     replica_values,
     set_trainable,
 )
@@ -236,7 +240,8 @@ def execute_finetune(plan: FinetunePlan) -> FinetuneSummary:
         head, raised = guard_normalization(head)
         first, trained = set_trainable(backbone, spec, config.trainable_from)
         model = fine_tune_model(backbone, head, info.image_size)
-        model.compile(optimizer=_optimizer(config), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        optimizer = finetune_optimizer(config.optimizer, config.learning_rate, config.momentum)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         model.optimizer.build(model.trainable_variables)
     log.info("training %d layers of %s from %s on, with the head; %d replica(s); %d normalisation channels "
              "floored", trained, info.backbone, first, strategy.num_replicas_in_sync, raised)
@@ -286,22 +291,6 @@ def execute_finetune(plan: FinetunePlan) -> FinetuneSummary:
     return _finish(plan, split, stream, model, backbone, head, epochs, state, first, started, strategy)
 
 
-def compiled_images_predict(model: Any, preprocess: Any, size: int) -> Any:
-    """uint8 ``(N, S, S, 3)`` -> probabilities: preprocess and the model in inference mode, one compiled call."""
-    tf = tensorflow()
-    return tf.function(lambda x: model(preprocess(tf.cast(x, tf.float32)), training=False), autograph=False,
-                       input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
-
-
-def _optimizer(config: FinetuneConfig) -> Any:
-    keras = keras_module()
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
-    if config.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=config.learning_rate, momentum=config.momentum)
-    return keras.optimizers.Adam(learning_rate=config.learning_rate)
-
-
 def _already_written(plan: FinetunePlan) -> FinetuneSummary | None:
     try:
         info = read_model_info(plan.config.output)
@@ -345,7 +334,7 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
         "fit": {**where, "replicas": summary.replicas, "trainable_from": first, "seconds": round(summary.seconds, 3),
                 "resumed_from_epoch": state["resumed_from_epoch"], "replica_max_difference": 0.0,
                 "epoch_train_seconds": [round(t, 3) for t in epochs.train_seconds],
-                "decoded_images_cached": _cache_figures(stream.cache),
+                "decoded_images_cached": stream.cache.figures() if stream.cache is not None else None,
                 "train_images_per_second": round(split.train_rows / min(epochs.train_seconds), 2)
                 if epochs.train_seconds else None},
         "config": to_dict(config), "recipe": plan.recipe.to_dict(), "summary": asdict(summary),
@@ -356,23 +345,8 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
                   "start_weights": info.weights.to_dict(), "trainable_from": first}
     tuned = replace(info, weights=WeightsRef("file", uri=BACKBONE_FILE, sha256=sha256_bytes(weights_bytes)),
                     fine_tuned=fine_tuned, files={})
-    head_export = _plain_copy(head)
+    head_export = plain_copy(head)
     write_model_folder(config.output, head_export, tuned, metrics, figures, overwrite=config.overwrite,
                        backbone_weights=weights_bytes)
     Checkpoints(config.output, plan.run_id).remove()
     return summary
-
-
-def _cache_figures(cache: DecodedImages | None) -> dict[str, Any]:
-    if cache is None:
-        return {"images": 0, "mib": 0.0, "budget_mib": 0.0}
-    return {"images": len(cache), "mib": round(cache.used_bytes / 2**20, 1),
-            "budget_mib": round(cache.budget_bytes / 2**20, 1)}
-
-
-def _plain_copy(head: Any) -> Any:
-    """The head rebuilt outside any distribution strategy with the fine-tuned weights (what head.keras holds)."""
-    keras = keras_module()
-    copy = keras.models.clone_model(head)
-    copy.set_weights([np.asarray(w) for w in head.get_weights()])
-    return copy

@@ -238,3 +238,28 @@ def check_finite(model: Any, what: Callable[[], str]) -> None:
     for weight in model.weights:
         if not np.isfinite(np.asarray(weight.numpy())).all():
             raise FitError(what())
+
+
+def compiled_images_predict(model: Any, preprocess: Any, size: int) -> Any:
+    """uint8 ``(N, S, S, 3)`` -> probabilities: preprocess and the model in inference mode, one compiled call."""
+    tf = tensorflow()
+    return tf.function(lambda x: model(preprocess(tf.cast(x, tf.float32)), training=False), autograph=False,
+                       input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
+
+
+def finetune_optimizer(name: str, learning_rate: float, momentum: float) -> Any:
+    """finetune's optimizers: ``momentum`` for sgd and rmsprop (head.make_optimizer is train's, with Nesterov)."""
+    keras = keras_module()
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=learning_rate, momentum=momentum)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
+def plain_copy(head: Any) -> Any:
+    """The head rebuilt outside any distribution strategy with the fine-tuned weights (what head.keras holds)."""
+    keras = keras_module()
+    copy = keras.models.clone_model(head)
+    copy.set_weights([np.asarray(w) for w in head.get_weights()])
+    return copy

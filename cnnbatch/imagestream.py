@@ -127,6 +127,11 @@ class DecodedImages:
         with self._lock:
             self._failed.add(key)
 
+    def figures(self) -> dict[str, Any]:
+        """What the cache holds, for a fit's metrics."""
+        return {"images": len(self._images), "mib": round(self.used_bytes / 2**20, 1),
+                "budget_mib": round(self.budget_bytes / 2**20, 1)}
+
 
 @dataclass(frozen=True)
 class ImageStream:

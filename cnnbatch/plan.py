@@ -37,17 +37,17 @@ class Measured:
     efficiency: float = 1.0  # measured end-to-end images/s over what model and decoding alone would allow
 
 
-# From docs/benchmarks.md. CPU: this project's 2-core Intel Xeon with AVX512-BF16 and AMX, TensorFlow, bfloat16, one
-# actor, at 160 px; decoding: 1,084 images/s on one core, so 2,169 on both; efficiency = the job's steady state
-# (101.0 images/s) over 1/(1/123.5 + 1/2169). H100: Keras on PyTorch's
+# From docs/benchmarks.md. CPU: this project's 2-core AMD EPYC with AVX512-BF16 (no AMX), TensorFlow, bfloat16, one
+# actor, at 160 px; decoding: 1,304 images/s on one core, so 2,608 on both; efficiency = the job's steady state
+# (47.6 images/s) over 1/(1/49.8 + 1/2608). H100: Keras on PyTorch's
 # cuDNN (the analogue of TensorFlow's GPU kernels, which could not run there), mixed float16, fed by its 16 CPUs
 # decoding in processes (as several actors per GPU do).
-_CPU = "2-core Intel Xeon (AVX512-BF16, AMX), TensorFlow, bfloat16"
+_CPU = "2-core AMD EPYC (AVX512-BF16), TensorFlow, bfloat16"
 _H100 = "NVIDIA H100 80GB HBM3 + 16 CPUs, Keras/cuDNN, float16"
 MEASURED: dict[str, dict[str, Measured]] = {
     "cpu": {
-        "vgg16": Measured(_CPU, 160, "bfloat16", 123.5, 2169.0, True, 0.865),
-        "inceptionv3": Measured(_CPU, 160, "bfloat16", 157.9, 2169.0, True, 0.865),
+        "vgg16": Measured(_CPU, 160, "bfloat16", 49.8, 2608.0, True, 0.973),
+        "inceptionv3": Measured(_CPU, 160, "bfloat16", 175.8, 2608.0, True, 0.973),
     },
     "h100": {
         "vgg16": Measured(_H100, 224, "float16", 5907.0, 2756.0, False),
