@@ -80,6 +80,28 @@ def single_thread_rate(folder: Path, size: int, limit: int = 300, repeats: int =
     return {"image_size": size, "images": len(blobs), "images_per_second": len(blobs) / seconds}
 
 
+def stage_costs(folder: Path, size: int, limit: int = 1000, repeats: int = 3) -> dict[str, Any]:
+    """ms per image of each stage outside the model, one thread, the cores otherwise idle: the worker's listing
+    (shards.iter_records: every file checked), reading (Record.load) and decoding (decode_image); best of
+    ``repeats``. What a small image costs the CPU apart from the model (in a job these run beside it)."""
+    from cnnbatch.shards import iter_records, list_shards
+
+    shard = next(iter(list_shards(str(folder), shard_size=limit)))
+    best = {"list": math.inf, "read": math.inf, "decode": math.inf}
+    for _ in range(repeats):
+        started = time.perf_counter()
+        records = list(iter_records(shard))
+        listed = time.perf_counter()
+        blobs = [record.load() for record in records]
+        read = time.perf_counter()
+        for blob in blobs:
+            decode_image(blob, size)
+        decoded = time.perf_counter()
+        for stage, seconds in (("list", listed - started), ("read", read - listed), ("decode", decoded - read)):
+            best[stage] = min(best[stage], 1000 * seconds / len(records))
+    return {"images": shard.num_files, "image_size": size, "ms_per_image": best}
+
+
 # --- D1 -----------------------------------------------------------------------------------------------------------
 
 def keras_recipe(size: int) -> Variant:

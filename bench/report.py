@@ -120,7 +120,25 @@ def small_section(r: dict[str, Any]) -> list[str]:
             f"{small['images']} generated 48x48 PNGs to {small['image_size']} px, bfloat16, one actor: bare model "
             f"{_fmt(small['bare'])} images/s, cnnbatch {_fmt(small['images_per_second'])} after start-up = "
             f"**{small['ratio']:.3f}**. Per image, ms of worker time by stage (decode and read run on the decode "
-            f"threads beside the model; `wait_input` is what the model waited): {stages}.", ""]
+            f"threads beside the model; `wait_input` is what the model waited): {stages}.", ""] + _stage_costs(r)
+
+
+def _stage_costs(r: dict[str, Any]) -> list[str]:
+    """The same stages on one thread with the cores otherwise idle: their CPU cost against the model's."""
+    costs, small = r.get("small_stage_costs"), r["p1_small"]
+    if not costs:
+        return []
+    ms = costs["ms_per_image"]
+    model_ms = 1000 * r["machine"]["cores"] / small["bare"]  # core-ms per image: the bare model keeps every core busy
+    outside = sum(ms.values())
+    in_job = 1000 / small["ms_per_image"]["infer"]  # the model's own calls in the job, images/s
+    return [f"The same stages on one thread, the cores otherwise idle ({costs['images']} of these PNGs, best of 3): "
+            f"listing {ms['list']:.3f} ms, reading {ms['read']:.3f} ms, decoding {ms['decode']:.3f} ms per image, "
+            f"{outside:.3f} ms in all: {100 * outside / model_ms:.1f}% of the {model_ms:.2f} core-ms the model takes "
+            f"per image here ({r['machine']['cores']} cores at {_fmt(small['bare'])} images/s). In the job they take "
+            f"{small['ms_per_image'].get('read', 0) + small['ms_per_image'].get('decode', 0):.2f} ms of wall time "
+            f"on the decode threads, sharing the cores with the model's own threads, and the model's calls run at "
+            f"{100 * in_job / small['bare']:.0f}% of its bare speed while they do ({_fmt(in_job)} images/s).", ""]
 
 
 def learning_section(r: dict[str, Any]) -> list[str]:

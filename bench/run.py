@@ -178,6 +178,7 @@ def run(config: BenchConfig, work: Path) -> dict[str, Any]:
     bench.bare("bare-bf16-xla", "bfloat16", "--xla")
     bench.bare("bare-inceptionv3-bf16", "bfloat16", backbone="inceptionv3")
     small = write_small_pngs(work / "pngs-small", c.small_images)
+    results["small_stage_costs"] = decoding.stage_costs(small, c.small_size)
     bench.bare("bare-bf16-small", "bfloat16", size=c.small_size, seconds=c.small_bare_seconds)
     bench.job("cnnbatch-bf16-small", small, "bfloat16", size=c.small_size)
     if c.learning:
