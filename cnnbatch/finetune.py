@@ -93,7 +93,7 @@ class FinetuneConfig(RecipeOptions):
     cpu_replicas: int = option("without GPUs: split the CPU into N devices and fit data-parallel over them (the "
                                "code path several GPUs take)", 1, metavar="N")
     cache_mb: int = option("decoded images kept in memory between epochs, in MiB, so that later epochs only draw "
-                           "their views (0: read and decode every image every epoch)", 1024, metavar="MB")
+                           "their views (0: read and decode every image every epoch)", 1024, metavar="N")
     overwrite: bool = option("replace a model already at --output", False)
 
     def __post_init__(self) -> None:
