@@ -52,6 +52,30 @@ def test_every_job_has_a_subcommand_with_its_config_flags() -> None:
     assert "--input URI" in extract and "--gpus-per-worker F" in extract and "--log-level" not in extract
 
 
+def test_the_recipe_and_cache_flags_reach_the_job_configs() -> None:
+    """extract, finetune and predict read the augmentation flags as ImageDataGenerator's arguments, through the
+    parser every entrypoint shares (``python -m jobs.*`` calls the same main)."""
+    from cnnbatch.config import from_namespace
+    from cnnbatch.extract import ExtractConfig
+    from cnnbatch.finetune import FinetuneConfig
+    from cnnbatch.predict import PredictConfig
+
+    parser = build_parser()
+    recipe = ["--rotation-range", "10", "--shear-range", "5", "--no-horizontal-flip", "--fill-mode", "reflect"]
+    extract = from_namespace(ExtractConfig, parser.parse_args(
+        ["extract", "--input", "in", "--output", "out", "--augment-views", "3", *recipe]))
+    made = extract.recipe()
+    assert extract.augment_views == 3
+    assert (made.rotation_range, made.shear_range, made.horizontal_flip, made.fill_mode) == (10, 5, False, "reflect")
+    assert made.zoom_range == 0.2  # the classic recipe's default where no flag is given
+    tune = from_namespace(FinetuneConfig, parser.parse_args(
+        ["finetune", "--input", "in", "--model", "m", "--output", "o", "--cache-mb", "0", *recipe]))
+    assert tune.cache_mb == 0 and tune.recipe().shear_range == 5.0 and not tune.recipe().horizontal_flip
+    predict = from_namespace(PredictConfig, parser.parse_args(
+        ["predict", "--input", "in", "--model", "m", "--output", "o", "--tta", "4"]))
+    assert predict.tta == 4
+
+
 def test_parse_errors_exit_2_with_argparse_s_line(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, message in ((["extract", "--input", "x"], "the following arguments are required: --output"),
                           (["frobnicate"], "invalid choice: 'frobnicate'"),
