@@ -144,7 +144,7 @@ def fit_ab(train: Path, size: int, rounds: int = 3, batch: int = 32) -> dict[str
     ratios = sorted(a / b for a, b in zip(stream_rates, ready_rates))
     return {"images": images, "rounds": rounds, "stream_images_per_second": [round(r, 1) for r in stream_rates],
             "ready_images_per_second": [round(r, 1) for r in ready_rates],
-            "ratio": ratios[len(ratios) // 2], "cached_images": len(stream.cache or [])}
+            "ratio": ratios[len(ratios) // 2], "cached_images": len(stream.cache)}
 
 
 def run(work: Path, size: int, views: int, epochs: int, finetune_epochs: int) -> dict[str, Any]:

@@ -245,16 +245,12 @@ def make_views(pixels: np.ndarray, recipe: Recipe, views: int, seed: int, key: s
     """``(views, H, W, 3)`` uint8: the record's augmented views, view ``v`` drawn from ``view_rng(seed, key, v)``."""
     height, width = pixels.shape[:2]
     transforms = [draw_transform(recipe, height, width, view_rng(seed, key, view)) for view in range(views)]
-    if recipe.fill_mode in CV2_BORDERS:  # OpenCV reads outside the image itself
-        out = np.empty((views, *pixels.shape), dtype=np.uint8)
-        for view, transform in enumerate(transforms):
-            out[view] = warp(pixels, transform, recipe.fill_mode, recipe.cval)
-        return out
-    # One padded image for all of the record's views, as far out as the furthest-reaching one reads.
-    reaches = [reach(index_matrix(t, height, width), height, width) for t in transforms]
-    margins = (max(r[0] for r in reaches), max(r[1] for r in reaches), max(r[2] for r in reaches),
-               max(r[3] for r in reaches))
-    padded = (padded_image(pixels, margins, recipe.fill_mode), margins)
+    padded = None  # OpenCV reads outside the image itself
+    if recipe.fill_mode not in CV2_BORDERS:  # Pillow: one padded image for all of the record's views
+        reaches = [reach(index_matrix(t, height, width), height, width) for t in transforms]
+        margins = (max(r[0] for r in reaches), max(r[1] for r in reaches), max(r[2] for r in reaches),
+                   max(r[3] for r in reaches))
+        padded = (padded_image(pixels, margins, recipe.fill_mode), margins)
     out = np.empty((views, *pixels.shape), dtype=np.uint8)
     for view, transform in enumerate(transforms):
         out[view] = warp(pixels, transform, recipe.fill_mode, recipe.cval, padded)

@@ -228,9 +228,8 @@ def execute_finetune(plan: FinetunePlan) -> FinetuneSummary:
                             f"{split.validation_rows} labelled ones in {storage.redact(config.input)}")
     log.info("images: %d training, %d validation (%d unlabelled left out)", split.train_rows, split.validation_rows,
              split.unlabelled)
-    cache = DecodedImages(config.cache_mb * 2**20)
     stream = ImageStream(config.input, config.shard_size, split, info.image_size, threads=max(2, os.cpu_count() or 2),
-                         cache=cache)
+                         cache=DecodedImages(config.cache_mb * 2**20))
     spec = get_backbone(info.backbone)
     preprocess = spec.preprocess_fn()
     with strategy.scope():
@@ -309,9 +308,8 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
     evaluations = {name: evaluate_batches(predict, stream.batches(validation, config.batch_size), info.labels)
                    for name, validation in (("train", False), ("validation", True))}
     where = placement()
-    if stream.cache is not None:
-        log.info("decoded images kept between epochs: %d (%.1f of %.0f MiB; --cache-mb)", len(stream.cache),
-                 stream.cache.used_bytes / 2**20, stream.cache.budget_bytes / 2**20)
+    log.info("decoded images kept between epochs: %d (%.1f of %.0f MiB; --cache-mb)", len(stream.cache),
+             stream.cache.used_bytes / 2**20, stream.cache.budget_bytes / 2**20)
     with tempfile.TemporaryDirectory(prefix="cnnbatch-backbone-") as tmp:
         path = os.path.join(tmp, BACKBONE_FILE)
         backbone.save_weights(path)
@@ -334,7 +332,7 @@ def _finish(plan: FinetunePlan, split: ImageSplit, stream: ImageStream, model: A
         "fit": {**where, "replicas": summary.replicas, "trainable_from": first, "seconds": round(summary.seconds, 3),
                 "resumed_from_epoch": state["resumed_from_epoch"], "replica_max_difference": 0.0,
                 "epoch_train_seconds": [round(t, 3) for t in epochs.train_seconds],
-                "decoded_images_cached": stream.cache.figures() if stream.cache is not None else None,
+                "decoded_images_cached": stream.cache.figures(),
                 "train_images_per_second": round(split.train_rows / min(epochs.train_seconds), 2)
                 if epochs.train_seconds else None},
         "config": to_dict(config), "recipe": plan.recipe.to_dict(), "summary": asdict(summary),

@@ -15,7 +15,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -142,7 +142,8 @@ class ImageStream:
     split: ImageSplit
     image_size: int
     threads: int = 2
-    cache: DecodedImages | None = None  # decoded images kept between epochs (None: decode every epoch)
+    # decoded images kept between epochs (the default keeps none: every image is decoded every epoch)
+    cache: DecodedImages = field(default_factory=lambda: DecodedImages(0))
 
     def batches(self, validation: bool, batch_size: int, epoch: int | None = None, recipe: Recipe | None = None,
                 seed: int = 0, multiple: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -162,19 +163,18 @@ class ImageStream:
         cache = self.cache
 
         def load(record: Record) -> tuple[np.ndarray | None, int]:
-            pixels = cache.get(record.key) if cache is not None else None
+            pixels = cache.get(record.key)
             if pixels is None:
-                if cache is not None and cache.failed(record.key):
+                if cache.failed(record.key):
                     return None, -1
                 try:
                     pixels = decode_image(record.load(), self.image_size)
                 except (DecodeError, OSError) as exc:
                     log.warning("%s is left out of the fit: %s", record.key, exc)
-                    if cache is not None and isinstance(exc, DecodeError):  # a failed read is tried again
+                    if isinstance(exc, DecodeError):  # a failed read is tried again
                         cache.put_failed(record.key)
                     return None, -1
-                if cache is not None:
-                    cache.put(record.key, pixels)
+                cache.put(record.key, pixels)
             if recipe is not None and epoch is not None and not validation:
                 transform = draw_transform(recipe, self.image_size, self.image_size,
                                            view_rng(seed, record.key, epoch))
